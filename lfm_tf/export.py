@@ -1,249 +1,544 @@
-"""SavedModels for TF Serving: preprocessing inside, validated inputs.
+"""The trained classifier as a SavedModel for TF Serving.
 
-Only the final classifier is exported (never W2, V, r, B or a supernet).
-Signatures:
+Only the final classifier is exported: a `keras.Model` taking normalised
+float32 images [B, H, W, 3] to logits [B, C]. W2, V, r, B, architecture
+logits and supernets never are (`load_classifier` rebuilds the classifier
+alone from `export_info.json` and `classifier.weights.h5`).
 
-* `serving_default(images: uint8 [batch, H, W, 3])`, any H and W (resized
-  in the graph to the training size);
-* `serving_bytes(image_bytes: string [batch])`, encoded JPEG or PNG.
+Signatures (method `tensorflow/serving/predict`):
+
+* `serving_default`, input `images`: uint8 [batch, height, width, 3], or
+  [batch, height, width, 1] for grayscale (tiled to RGB, as decoding a
+  grayscale PNG with three channels does). Any height and width: images are
+  resized in the graph to the classifier's input size, then go through the
+  training preprocessing (`lfm_tf.data.pipeline.preprocess`). The signature
+  declares the input's rank as unknown on purpose: a declared rank lets
+  TensorFlow's graph optimiser assume it and skip the rank check, so a
+  wrong rank would fail later with an obscure kernel message.
+* `serving_bytes`, input `image_bytes`: string [batch], each an encoded
+  JPEG, PNG, GIF or BMP image (any size; decoded to RGB in the graph).
 
 Both return `probabilities` float32 [batch, C], `top_k_ids` int32
-[batch, k], `top_k_scores` float32 [batch, k] and `top_k_names` string
-[batch, k].
+[batch, k], `top_k_scores` float32 [batch, k] and `class_names` string
+[batch, k] (the names of the top-k classes), with k = min(top_k, C).
+
+Bad input raises `InvalidArgumentError` in the graph (HTTP 400 /
+INVALID_ARGUMENT from TF Serving) with one of `INVALID_RANK_MESSAGE`,
+`INVALID_CHANNELS_MESSAGE`; a dtype other than the signature's is rejected
+before the graph runs.
 """
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from lfm_tf import config as config_lib
 from lfm_tf.data import pipeline
 from lfm_tf.models import backbones
 
+SERVING_DEFAULT = "serving_default"
+SERVING_BYTES = "serving_bytes"
+IMAGES_INPUT = "images"
+BYTES_INPUT = "image_bytes"
+OUTPUTS = ("probabilities", "top_k_ids", "top_k_scores", "class_names")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+METADATA_FILE = os.path.join("assets.extra", "lfm_export.json")
+# TF Serving reads at most this many warm-up records per model version.
+MAX_WARMUP_RECORDS = 1000
+
+INVALID_RANK_MESSAGE = (
+    "images must have rank 4, [batch, height, width, channels]; for one "
+    "image send a batch of one, [1, height, width, 3]. Received shape:"
+)
+INVALID_CHANNELS_MESSAGE = (
+    "images must have 3 (RGB) or 1 (grayscale) channels in the last axis; "
+    "drop the alpha channel of RGBA images. Received shape:"
+)
+
+EXPORT_INFO = "export_info.json"
+WEIGHTS = "classifier.weights.h5"
+TRAIN_COMMAND = "python -m pipelines.train --workdir=..."
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _check_images(images):
-    """Rank-4 with 3 channels, or a clear InvalidArgumentError."""
-    checks = [
-        tf.debugging.assert_rank(
-            images, 4,
-            message="images must be uint8 [batch, height, width, 3]",
-        ),
-        tf.debugging.assert_equal(
-            tf.shape(images)[-1], 3,
-            message="images must have 3 (RGB) channels in the last axis",
-        ),
-    ]
-    # Explicit: nothing downstream (resize) may run before the checks.
-    with tf.control_dependencies([c for c in checks if c is not None]):
-        return tf.identity(images)
+# --------------------------------------------------------------- SavedModel
+
+
+def _serving_preprocessing(preprocessing, input_shape):
+    """The training preprocessing, resizing to the classifier's input size.
+
+    Training resizes to `image_size` when it is set and otherwise feeds the
+    source size, which is then the input size; either way resizing every
+    request to the input side reproduces training (resizing to the same
+    size is the identity).
+    """
+    height, width, channels = (int(d) for d in input_shape)
+    if channels != 3 or height != width or height < 1:
+        raise ValueError(
+            f"Received input_shape={tuple(input_shape)}; expected a square "
+            "RGB input (side, side, 3), as the training pipeline produces."
+        )
+    if preprocessing.image_size not in (None, height):
+        raise ValueError(
+            f"preprocessing.image_size={preprocessing.image_size} does not "
+            f"match input_shape={tuple(input_shape)}; pass the input_shape "
+            "the classifier was built with."
+        )
+    return pipeline.Preprocessing(
+        image_size=height, mean=tuple(preprocessing.mean),
+        std=tuple(preprocessing.std))
+
+
+def _check_classifier(classifier, input_shape, num_classes):
+    """Calls it once: logits must be [batch, num_classes]."""
+    logits = classifier(tf.zeros((1,) + tuple(input_shape), tf.float32),
+                        training=False)
+    shape = getattr(logits, "shape", None)
+    if shape is None or tuple(shape) != (1, num_classes):
+        received = tuple(shape) if shape is not None else type(logits)
+        raise ValueError(
+            f"The classifier returned {received} for one image; expected "
+            f"logits of shape (1, {num_classes}) "
+            "(one per class name). Export the final classifier only, not a "
+            "supernet or a multi-output training model."
+        )
+
+
+def _validated_images(images):
+    """uint8 [B, h, w, 3], or InvalidArgumentError with a clear message.
+
+    The result depends on the check through data (a `tf.cond`), not only a
+    control dependency, so no graph rewrite can run the resize first.
+    """
+    shape = tf.shape(images)
+    rank = tf.size(shape)
+    # Padded so that indexing is valid whatever the rank.
+    channels = tf.concat([shape, tf.zeros([4], tf.int32)], 0)[3]
+    rank_ok = tf.equal(rank, 4)
+    channels_ok = tf.logical_or(tf.equal(channels, 3), tf.equal(channels, 1))
+    valid = tf.logical_and(rank_ok, channels_ok)
+    message = tf.where(rank_ok, INVALID_CHANNELS_MESSAGE, INVALID_RANK_MESSAGE)
+
+    def reject():
+        check = tf.debugging.Assert(valid, [message, shape], summarize=8)
+        with tf.control_dependencies([check]):
+            return tf.zeros([0, 1, 1, 3], tf.uint8)
+
+    checked = tf.cond(valid, lambda: tf.identity(images), reject)
+    # Grayscale -> RGB: tile the one channel three times (x1 for RGB).
+    rgb = tf.tile(checked, tf.stack([1, 1, 1, 3 // tf.maximum(channels, 1)]))
+    return tf.ensure_shape(rgb, [None, None, None, 3])
 
 
 def write_saved_model(classifier, path, *, class_names, preprocessing,
                       input_shape, warmup_images=None, top_k=5):
-    """Exports `classifier` with in-graph preprocessing, atomically.
+    """Exports `classifier` with its preprocessing, atomically.
+
+    The SavedModel is written to a temporary directory next to `path`, then
+    renamed to `path` (an existing `path` is replaced as a whole), so a
+    reader never sees a half-written model.
 
     Args:
-      classifier: keras model, float32 normalised [B,H,W,3] -> logits [B,C].
-      path: target directory (must not exist, or is replaced as a whole).
-      class_names: C names.
-      preprocessing: `pipeline.Preprocessing`.
-      input_shape: (H, W, 3) the classifier expects.
-      warmup_images: optional uint8 [n, H, W, 3] real examples written as
-        TF Serving warm-up requests.
-      top_k: how many classes to return per image.
+      classifier: `keras.Model`, normalised float32 [B, H, W, 3] -> logits
+        [B, C].
+      path: the SavedModel directory to write.
+      class_names: C class names (index i names logit i).
+      preprocessing: `lfm_tf.data.pipeline.Preprocessing` used in training.
+      input_shape: (H, W, 3), the classifier's input.
+      warmup_images: optional uint8 [n, h, w, 3] real examples, written as
+        TF Serving warm-up requests (`assets.extra/`).
+      top_k: classes returned per image (capped at C).
 
     Returns:
       `path`.
+
+    Raises:
+      ValueError: inconsistent arguments (see the message).
     """
-    height, width = int(input_shape[0]), int(input_shape[1])
-    k = min(top_k, len(class_names))
-    names = tf.constant(list(class_names))
-    fixed = pipeline.Preprocessing(
-        image_size=None, mean=preprocessing.mean, std=preprocessing.std)
+    return _export(classifier, path, class_names=class_names,
+                   preprocessing=preprocessing, input_shape=input_shape,
+                   warmup_images=warmup_images, top_k=top_k, replace=True)
+
+
+def _export(classifier, path, *, class_names, preprocessing, input_shape,
+            warmup_images, top_k, replace, extra_metadata=None):
+    """`write_saved_model`; `replace=False` never replaces `path`."""
+    class_names = [str(name) for name in class_names]
+    num_classes = len(class_names)
+    if num_classes < 1:
+        raise ValueError("Received no class_names; expected one per class.")
+    if int(top_k) < 1:
+        raise ValueError(f"Received top_k={top_k}; expected >= 1.")
+    k = min(int(top_k), num_classes)
+    input_shape = tuple(int(d) for d in input_shape)
+    serving_prep = _serving_preprocessing(preprocessing, input_shape)
+    if warmup_images is not None:
+        warmup_images = _check_warmup_images(warmup_images)
+    _check_classifier(classifier, input_shape, num_classes)
+    names = tf.constant(class_names)
+    side = input_shape[0]
 
     def predict(images):
-        images = _check_images(images)
-        resized = tf.image.resize(images, (height, width))
-        logits = classifier(pipeline.normalize(resized, fixed),
-                            training=False)
+        inputs = pipeline.preprocess(images, serving_prep)
+        logits = classifier(inputs, training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         scores, ids = tf.math.top_k(probabilities, k=k)
         return {
             "probabilities": probabilities,
             "top_k_ids": ids,
             "top_k_scores": scores,
-            "top_k_names": tf.gather(names, ids),
+            "class_names": tf.gather(names, ids),
         }
 
-    def decode(image_bytes):
-        image = tf.io.decode_image(image_bytes, channels=3,
+    def serving_default(images):
+        return predict(_validated_images(images))
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=3,
                                    expand_animations=False)
-        return tf.image.resize(image, (height, width))
+        return pipeline.resize(image, serving_prep)
+
+    def serving_bytes(image_bytes):
+        images = tf.map_fn(
+            decode, image_bytes,
+            fn_output_signature=tf.TensorSpec([side, side, 3], tf.uint8))
+        return predict(images)
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)
     archive.add_endpoint(
-        "serving_default",
-        tf.function(lambda images: predict(images)),
-        input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8,
-                                       name="images")],
-    )
+        SERVING_DEFAULT, serving_default,
+        input_signature=[tf.TensorSpec(None, tf.uint8, name=IMAGES_INPUT)])
     archive.add_endpoint(
-        "serving_bytes",
-        tf.function(lambda image_bytes: predict(tf.cast(tf.round(tf.map_fn(
-            decode, image_bytes, fn_output_signature=tf.float32)), tf.uint8))),
-        input_signature=[tf.TensorSpec([None], tf.string,
-                                       name="image_bytes")],
-    )
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    try:
-        archive.write_out(tmp, verbose=False)
-        if warmup_images is not None:
-            write_warmup_requests(tmp, np.asarray(warmup_images, np.uint8))
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=".replaced-")
-            os.replace(path, os.path.join(old, "previous"))
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        SERVING_BYTES, serving_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+    metadata = {
+        "class_names": class_names,
+        "input_shape": list(input_shape),
+        "preprocessing": preprocessing.to_dict(),
+        "top_k": k,
+        "signatures": {
+            SERVING_DEFAULT: {IMAGES_INPUT: "uint8 [batch, height, width, 3]"},
+            SERVING_BYTES: {BYTES_INPUT: "string [batch], JPEG/PNG/GIF/BMP"},
+        },
+        "outputs": list(OUTPUTS),
+        **(extra_metadata or {}),
+    }
+
+    def write(directory):
+        archive.write_out(directory, verbose=False)
+        _write_json(os.path.join(directory, METADATA_FILE), metadata)
+        if warmup_images is not None and len(warmup_images):
+            write_warmup_requests(directory, warmup_images)
+
+    _write_directory_atomically(path, write, replace=replace)
     return path
 
 
+# ------------------------------------------------------------------ warm-up
+
+
+def _check_warmup_images(images):
+    images = np.asarray(images)
+    if (images.dtype != np.uint8 or images.ndim != 4
+            or images.shape[-1] not in (1, 3)):
+        raise ValueError(
+            f"Received warmup_images {images.dtype} {images.shape}; expected "
+            "uint8 [n, height, width, 3] (real examples)."
+        )
+    if len(images) + 1 > MAX_WARMUP_RECORDS:
+        raise ValueError(
+            f"Received {len(images)} warmup_images; TF Serving replays at "
+            f"most {MAX_WARMUP_RECORDS} records; pass at most "
+            f"{MAX_WARMUP_RECORDS - 1} (a handful is enough)."
+        )
+    return images
+
+
 def write_warmup_requests(saved_model_dir, images):
-    """`assets.extra/tf_serving_warmup_requests`: one PredictionLog each."""
+    """Writes `assets.extra/tf_serving_warmup_requests` into a SavedModel.
+
+    TF Serving (with `--enable_model_warmup`, the default) replays these
+    requests when it loads the version, before serving traffic, so the
+    first real request does not pay for initialisation. One
+    `PredictionLog` per image for `serving_default` (a batch of one), plus
+    one for `serving_bytes` with all images PNG-encoded.
+
+    Args:
+      saved_model_dir: an exported SavedModel directory.
+      images: uint8 [n, height, width, 3] real examples.
+    """
     # pylint: disable=g-import-not-at-top
-    from tensorflow_serving.apis import model_pb2
     from tensorflow_serving.apis import predict_pb2
     from tensorflow_serving.apis import prediction_log_pb2
 
+    images = _check_warmup_images(images)
+
+    def record(signature_name, input_name, tensor):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.signature_name = signature_name
+        request.inputs[input_name].CopyFrom(tensor)
+        log = prediction_log_pb2.PredictionLog()
+        log.predict_log.request.CopyFrom(request)
+        return log.SerializeToString()
+
     target = os.path.join(saved_model_dir, WARMUP_FILE)
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    encoded = [tf.io.encode_png(image).numpy() for image in images]
     with tf.io.TFRecordWriter(target) as writer:
         for image in images:
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(
-                    signature_name="serving_default"))
-            request.inputs["images"].CopyFrom(
-                tf.make_tensor_proto(image[None]))
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request))
-            writer.write(log.SerializeToString())
+            writer.write(record(SERVING_DEFAULT, IMAGES_INPUT,
+                                tf.make_tensor_proto(image[None])))
+        writer.write(record(SERVING_BYTES, BYTES_INPUT,
+                            tf.make_tensor_proto(encoded, dtype=tf.string)))
 
 
-def _read_json(path, made_by):
+def read_warmup_images(saved_model_dir):
+    """The images of a SavedModel's `serving_default` warm-up requests.
+
+    Returns:
+      uint8 [n, h, w, 3], or None when there is no warm-up file.
+    """
+    # pylint: disable=g-import-not-at-top
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(saved_model_dir, WARMUP_FILE)
     if not os.path.exists(path):
-        raise ValueError(
-            f"{path} is missing; it is written by {made_by}. Run that first "
-            "or fix --workdir."
+        return None
+    images = []
+    for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        request = prediction_log_pb2.PredictionLog.FromString(
+            serialized).predict_log.request
+        if request.model_spec.signature_name == SERVING_DEFAULT:
+            images.append(tf.make_ndarray(request.inputs[IMAGES_INPUT]))
+    return np.concatenate(images) if images else None
+
+
+# ------------------------------------------------------------ atomic writes
+
+
+def _write_json(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def _write_directory_atomically(path, write, replace):
+    """Runs `write(tmp)` on a fresh directory next to `path`, then renames.
+
+    On any failure the temporary directory is removed and an existing
+    `path` is left as it was. The temporary name starts with "." and is
+    not numeric, so TF Serving, which watches numeric version directories,
+    never loads it.
+
+    Args:
+      path: the directory to create.
+      write: callable(directory) that fills the directory.
+      replace: replace an existing `path`; otherwise FileExistsError.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        write(tmp)
+        if not os.path.exists(path):
+            try:
+                os.rename(tmp, path)
+                return
+            except OSError as error:
+                # Someone else created `path` meanwhile: never merge.
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        if not replace:
+            raise FileExistsError(
+                f"{path} already exists (written by another export "
+                "meanwhile?); it was left as it is.")
+        old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+        os.rename(path, os.path.join(old, name))
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(os.path.join(old, name), path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- workdirs
+
+
+def _required_file(workdir, name):
+    path = os.path.join(workdir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {name} is written at the end of training by "
+            f"`{TRAIN_COMMAND}`. Point --workdir at a finished training run, "
+            "or train first."
         )
+    return path
+
+
+def read_export_info(workdir):
+    """`<workdir>/export_info.json`, checked for the fields export needs."""
+    path = _required_file(workdir, EXPORT_INFO)
     with open(path) as f:
-        return json.load(f)
+        info = json.load(f)
+    missing = [key for key in ("model_name", "class_names", "input_shape",
+                               "preprocessing", "architecture")
+               if key not in info]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {missing}; it was not written by this version of "
+            f"`{TRAIN_COMMAND}`. Re-run training to rewrite it."
+        )
+    return info
+
+
+def _build_architecture(info):
+    """An unbuilt-weights classifier of the run's architecture."""
+    architecture = info["architecture"]
+    num_classes = len(info["class_names"])
+    input_shape = tuple(int(d) for d in info["input_shape"])
+    kind = architecture.get("kind")
+    if kind == "backbone":
+        model_config = config_lib.ModelConfig(**architecture["model"])
+        model_config.validate()
+        return backbones.build_backbone(model_config, num_classes,
+                                        input_shape, name="classifier")
+    if kind == "genotype":
+        # pylint: disable=g-import-not-at-top
+        from lfm_tf.nas import genotypes
+        from lfm_tf.nas import network
+
+        classifier = network.NetworkCifar(
+            genotype=genotypes.Genotype.from_json(architecture["genotype"]),
+            init_channels=int(architecture["init_channels"]),
+            num_classes=num_classes,
+            num_layers=int(architecture["num_layers"]),
+            auxiliary=bool(architecture["auxiliary"]),
+        )
+        classifier(tf.zeros((1,) + input_shape, tf.float32), training=False)
+        return classifier
+    raise ValueError(
+        f"export_info.json has architecture kind {kind!r}; expected "
+        "'backbone' or 'genotype'."
+    )
 
 
 def load_classifier(workdir):
-    """Rebuilds the run's classifier from export_info.json + weights.
+    """Rebuilds a run's final classifier from its workdir.
+
+    Reads `export_info.json` for the architecture, builds it and loads
+    `classifier.weights.h5`. Nothing else of the run (W2, V, r, B,
+    optimisers) is restored.
 
     Returns:
       (classifier, export_info dict).
+
+    Raises:
+      FileNotFoundError: a file of the run is missing (the message names
+        it and the command that writes it).
+      ValueError: export_info.json is incomplete or names an unknown
+        architecture.
     """
-    info = _read_json(os.path.join(workdir, "export_info.json"),
-                      "python -m pipelines.train")
-    weights = os.path.join(workdir, "classifier.weights.h5")
-    if not os.path.exists(weights):
-        raise ValueError(
-            f"{weights} is missing; it is written by python -m "
-            "pipelines.train at the end of training."
-        )
-    architecture = info["architecture"]
-    num_classes = len(info["class_names"])
-    if architecture.get("kind") != "backbone":
-        raise ValueError(
-            f"export_info.json names architecture kind "
-            f"{architecture.get('kind')!r}; this version rebuilds 'backbone' "
-            "classifiers only."
-        )
-    classifier = backbones.build_backbone(
-        config_lib.ModelConfig(**architecture["model"]), num_classes,
-        tuple(info["input_shape"]))
+    info = read_export_info(workdir)
+    weights = _required_file(workdir, WEIGHTS)
+    classifier = _build_architecture(info)
     classifier.load_weights(weights)
     return classifier, info
 
 
-def _next_version(model_dir):
-    versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()] \
-        if os.path.isdir(model_dir) else []
-    return max(versions, default=0) + 1
+def _check_version(version):
+    integer = isinstance(version, (int, np.integer)) and not isinstance(
+        version, bool)
+    if not integer or version < 1:
+        raise ValueError(
+            f"Received version={version!r}; expected a positive integer (TF "
+            "Serving loads numeric version directories, highest = newest). "
+            "Leave --version unset to use the next free number."
+        )
+    return int(version)
+
+
+def _existing_versions(model_dir):
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(model_dir)
+                  if d.isdigit() and os.path.isdir(os.path.join(model_dir, d)))
 
 
 def export_for_serving(workdir, export_dir, *, version=None, overwrite=False,
                        model_name=None):
-    """Writes `<export_dir>/<model_name>/<version>/`, TF Serving's layout.
+    """Writes a run's classifier as `<export_dir>/<model_name>/<version>/`.
+
+    That is TF Serving's layout: `<export_dir>/<model_name>` is the model's
+    base path, each numeric subdirectory one version. The version is
+    written to a temporary directory and renamed into place, so the server
+    never loads a half-written one. Warm-up requests are carried over from
+    the run's own SavedModel (`<workdir>/saved_model`, real examples) when
+    it has them.
 
     Args:
       workdir: a finished `pipelines.train` run.
-      export_dir: the model base path TF Serving watches.
-      version: positive integer; default: one more than the newest present.
-      overwrite: replace an existing version (never done silently).
-      model_name: default: the run's `export_info.json` model_name.
+      export_dir: the directory holding the models' base paths.
+      version: positive integer; default: one more than the newest version
+        present, or 1.
+      overwrite: replace an existing version (never done otherwise).
+      model_name: default: export_info.json's `model_name`.
 
     Returns:
       The version directory written.
 
     Raises:
-      ValueError: missing run files, a bad version, an existing version
-        without `overwrite`.
+      FileNotFoundError: the run's files are missing.
+      FileExistsError: the version exists and `overwrite` is False.
+      ValueError: a bad version or model name.
     """
-    classifier, info = load_classifier(workdir)
+    info = read_export_info(workdir)
+    _required_file(workdir, WEIGHTS)
     name = model_name or info["model_name"]
+    if not _MODEL_NAME.match(str(name)):
+        raise ValueError(
+            f"Received model_name={name!r}; expected letters, digits, '.', "
+            "'_' or '-' (it becomes a directory and part of request URLs)."
+        )
     model_dir = os.path.join(export_dir, name)
     if version is None:
-        version = _next_version(model_dir)
-    if int(version) < 1:
-        raise ValueError(
-            f"Received version={version}; expected a positive integer (TF "
-            "Serving loads numeric version directories)."
-        )
-    target = os.path.join(model_dir, str(int(version)))
+        version = max(_existing_versions(model_dir), default=0) + 1
+    version = _check_version(version)
+    target = os.path.join(model_dir, str(version))
     if os.path.exists(target) and not overwrite:
-        raise ValueError(
-            f"{target} already exists; pass --overwrite to replace it or "
-            "--version with a new number."
+        raise FileExistsError(
+            f"{target} already exists; pass --overwrite (overwrite=True) to "
+            "replace it, or leave --version unset to write the next version."
         )
-    warmup = None
-    if os.path.exists(os.path.join(workdir, "splits.npz")):
-        warmup = _warmup_images(workdir)
-    return write_saved_model(
+    classifier, info = load_classifier(workdir)
+    warmup = read_warmup_images(os.path.join(workdir, "saved_model"))
+    if warmup is None:
+        logging.warning(
+            "%s has no warm-up requests; the export has none (TF Serving "
+            "will initialise on the first request).",
+            os.path.join(workdir, "saved_model"))
+    return _export(
         classifier, target,
         class_names=info["class_names"],
         preprocessing=pipeline.Preprocessing.from_dict(info["preprocessing"]),
         input_shape=info["input_shape"],
         warmup_images=warmup,
+        top_k=5,
+        replace=overwrite,
+        extra_metadata={"model_name": name, "version": version,
+                        "architecture": info["architecture"],
+                        "workdir": os.path.abspath(workdir)},
     )
-
-
-def _warmup_images(workdir):
-    """A few real meta-set images of the run, for TF Serving's warm-up."""
-    # pylint: disable=g-import-not-at-top
-    from lfm_tf.data import sources
-    from lfm_tf.data import splits as splits_lib
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = config_lib.ExperimentConfig.from_dict(json.load(f))
-    if config.data.source == "arrays":
-        return None
-    source = sources.load_source(config.data)
-    splits = splits_lib.Splits.load(os.path.join(workdir, "splits.npz"))
-    return source.train_images[splits.meta_index[:4]]

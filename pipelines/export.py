@@ -1,11 +1,14 @@
-"""Exports a trained classifier for TF Serving.
+"""Exports a trained classifier into TF Serving's model layout.
 
-    python -m pipelines.export --workdir=/tmp/lfm_run \
-        --export_dir=/srv/models [--version=N] [--overwrite]
+    python -m pipelines.export --workdir=runs/digits_lfm \
+        --export_dir=models [--version=N] [--overwrite] [--model_name=lfm]
 
-Writes `<export_dir>/<model_name>/<version>/` atomically (temporary
-directory, then rename); an existing version is never replaced without
---overwrite. Only the final classifier is exported.
+Writes `<export_dir>/<model_name>/<version>/`, a SavedModel with the
+training preprocessing inside (serving/README.md has the signatures and the
+commands that serve it). The version defaults to one more than the newest
+present; an existing version is replaced only with --overwrite. The version
+is written to a temporary directory and renamed into place, so a running
+server never loads half of it. Only the final classifier is exported.
 """
 
 from absl import app
@@ -13,12 +16,21 @@ from absl import flags
 
 from lfm_tf import export
 
-flags.DEFINE_string("workdir", None, "A finished pipelines.train run.")
-flags.DEFINE_string("export_dir", None, "TF Serving model base path.")
-flags.DEFINE_integer("version", None, "Version number (default: next).")
-flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
-flags.DEFINE_string("model_name", None, "Default: the run's method name.")
-FLAGS = flags.FLAGS
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "A finished `python -m pipelines.train` run (export_info.json, "
+    "classifier.weights.h5).")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None,
+    "Directory of the model base paths TF Serving watches; the version goes "
+    "to <export_dir>/<model_name>/<version>/.")
+_VERSION = flags.DEFINE_integer(
+    "version", None, "Version number (positive); default: the next free one.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace the version if it exists.")
+_MODEL_NAME = flags.DEFINE_string(
+    "model_name", None, "Model name; default: the run's export_info.json "
+    "model_name (the training method).")
 
 
 def main(argv):
@@ -26,9 +38,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         path = export.export_for_serving(
-            FLAGS.workdir, FLAGS.export_dir, version=FLAGS.version,
-            overwrite=FLAGS.overwrite, model_name=FLAGS.model_name)
-    except ValueError as error:
+            _WORKDIR.value, _EXPORT_DIR.value, version=_VERSION.value,
+            overwrite=_OVERWRITE.value, model_name=_MODEL_NAME.value)
+    except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"SavedModel written to {path}")
 

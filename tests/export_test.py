@@ -1,16 +1,21 @@
-"""SavedModel export: signatures, fresh-process parity, validation, layout."""
+"""lfm_tf.export and pipelines.export: the SavedModel contract for TF Serving.
 
-import io
+The TF Serving binary is not installable here, so the contract is checked
+with TensorFlow's tools: `saved_model_cli show/run`, `tf.saved_model.load`
+in a fresh process, and TF Serving's own warm-up record format.
+"""
+
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from lfm_tf import config as config_lib
 from lfm_tf import export
@@ -18,205 +23,578 @@ from lfm_tf.data import pipeline
 from lfm_tf.models import backbones
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREP = pipeline.Preprocessing(None, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+SIDE = 8
 NAMES = ["zero", "one", "two"]
+PREP = pipeline.Preprocessing(None, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+MODEL = {"backbone": "small_cnn", "width": 4, "depth": 28, "dropout": 0.0}
+CLI = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
 
 
-def _classifier():
-    keras.utils.set_random_seed(0)
+def _classifier(seed=0):
+    keras.utils.set_random_seed(seed)
     return backbones.build_backbone(
-        config_lib.ModelConfig(backbone="small_cnn", width=4), 3, (8, 8, 3))
+        config_lib.ModelConfig(**MODEL), len(NAMES), (SIDE, SIDE, 3))
 
 
-def _images(n=4, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3),
-                                                 dtype=np.uint8)
+def _images(n=4, seed=0, side=SIDE, channels=3):
+    return np.random.default_rng(seed).integers(
+        0, 256, (n, side, side, channels), dtype=np.uint8)
 
 
-def _keras_probabilities(classifier, images):
-    logits = classifier(pipeline.normalize(images, PREP), training=False)
+def _keras_probabilities(classifier, images, prep=PREP):
+    logits = classifier(pipeline.preprocess(images, prep), training=False)
     return tf.nn.softmax(logits).numpy()
 
 
-def _fake_workdir(root):
-    classifier = _classifier()
-    workdir = os.path.join(root, "run")
-    os.makedirs(workdir)
-    classifier.save_weights(os.path.join(workdir, "classifier.weights.h5"))
-    info = {"model_name": "digits_lfm", "class_names": NAMES,
-            "input_shape": [8, 8, 3], "preprocessing": PREP.to_dict(),
-            "architecture": {"kind": "backbone", "model": {
-                "backbone": "small_cnn", "width": 4, "depth": 28,
-                "dropout": 0.0}}}
-    with open(os.path.join(workdir, "export_info.json"), "w") as f:
-        json.dump(info, f)
-    return workdir, classifier
+def _png(image):
+    return tf.io.encode_png(image).numpy()
+
+
+def _run(args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO,
+                          check=False, **kwargs)
+
+
+def _signature_block(show_output, name):
+    """The text of one signature_def in `saved_model_cli show --all`."""
+    match = re.search(
+        rf"signature_def\['{name}'\]:\n(.*?)Method name is: (\S+)",
+        show_output, re.S)
+    assert match, f"no signature {name} in:\n{show_output[:3000]}"
+    return match.group(1), match.group(2)
+
+
+def _tensor_info(block, kind, name):
+    """(dtype, shape) of inputs/outputs[name] in a signature block."""
+    match = re.search(
+        rf"{kind}\['{name}'\] tensor_info:\s+dtype: (\S+)\s+shape: (.+)",
+        block)
+    assert match, f"no {kind} {name} in:\n{block}"
+    return match.group(1), match.group(2).strip()
 
 
 class WriteSavedModelTest(tf.test.TestCase):
+    """One tiny classifier, exported once; every test reads it."""
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         cls.classifier = _classifier()
-        cls.path = os.path.join(tempfile.mkdtemp(), "model")
+        cls.root = tempfile.mkdtemp()
+        cls.path = os.path.join(cls.root, "model")
+        cls.warmup = _images(2, seed=9)
         export.write_saved_model(
             cls.classifier, cls.path, class_names=NAMES, preprocessing=PREP,
-            input_shape=(8, 8, 3), warmup_images=_images(2), top_k=2)
+            input_shape=(SIDE, SIDE, 3), warmup_images=cls.warmup, top_k=2)
+        cls.loaded = tf.saved_model.load(cls.path)
+        cls.serve = cls.loaded.signatures["serving_default"]
+        cls.serve_bytes = cls.loaded.signatures["serving_bytes"]
 
-    def test_saved_model_cli_lists_signatures(self):
-        result = subprocess.run(
-            [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli",
-             "show", "--dir", self.path, "--all"],
-            capture_output=True, text=True, check=True)
-        self.assertIn("signature_def['serving_default']", result.stdout)
-        self.assertIn("signature_def['serving_bytes']", result.stdout)
-        self.assertIn("DT_UINT8", result.stdout)
-        self.assertIn("top_k_names", result.stdout)
+    def test_written_atomically_with_nothing_left_beside(self):
+        self.assertEqual(os.listdir(self.root), ["model"])
+        self.assertTrue(os.path.exists(
+            os.path.join(self.path, "saved_model.pb")))
 
-    def test_fresh_process_gives_keras_probabilities(self):
-        images = _images()
+    def test_saved_model_cli_shows_both_signatures(self):
+        result = _run(CLI + ["show", "--dir", self.path, "--all"])
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        block, method = _signature_block(result.stdout, "serving_default")
+        self.assertEqual(method, "tensorflow/serving/predict")
+        self.assertEqual(_tensor_info(block, "inputs", "images"),
+                         ("DT_UINT8", "unknown_rank"))
+        expected_outputs = {"probabilities": ("DT_FLOAT", "(-1, 3)"),
+                            "top_k_ids": ("DT_INT32", "(-1, 2)"),
+                            "top_k_scores": ("DT_FLOAT", "(-1, 2)"),
+                            "class_names": ("DT_STRING", "(-1, 2)")}
+        for name, info in expected_outputs.items():
+            self.assertEqual(_tensor_info(block, "outputs", name), info, name)
+        block, method = _signature_block(result.stdout, "serving_bytes")
+        self.assertEqual(method, "tensorflow/serving/predict")
+        self.assertEqual(_tensor_info(block, "inputs", "image_bytes"),
+                         ("DT_STRING", "(-1)"))
+        for name, info in expected_outputs.items():
+            self.assertEqual(_tensor_info(block, "outputs", name), info, name)
+
+    def test_saved_model_cli_run_gives_keras_probabilities(self):
+        images = _images(3, seed=3)
         npy = os.path.join(self.get_temp_dir(), "images.npy")
         np.save(npy, images)
-        code = (
-            "import sys, numpy as np, tensorflow as tf\n"
-            f"m = tf.saved_model.load({self.path!r})\n"
-            f"x = np.load({npy!r})\n"
-            "out = m.signatures['serving_default'](images=tf.constant(x))\n"
-            "np.save(sys.argv[1], out['probabilities'].numpy())\n")
-        result_path = os.path.join(self.get_temp_dir(), "probs.npy")
-        subprocess.run([sys.executable, "-c", code, result_path], check=True,
-                       capture_output=True)
-        self.assertAllClose(np.load(result_path),
+        out = os.path.join(self.get_temp_dir(), "cli_out")
+        result = _run(CLI + [
+            "run", "--dir", self.path, "--tag_set", "serve",
+            "--signature_def", "serving_default", "--inputs",
+            f"images={npy}", "--outdir", out, "--overwrite"])
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        probabilities = np.load(os.path.join(out, "probabilities.npy"))
+        self.assertAllClose(probabilities,
                             _keras_probabilities(self.classifier, images),
                             atol=1e-6)
+        self.assertAllEqual(np.load(os.path.join(out, "top_k_ids.npy")),
+                            np.argsort(-probabilities, axis=1)[:, :2])
 
-    def test_saved_model_cli_run(self):
-        images = _images(2, seed=3)
-        npy = os.path.join(self.get_temp_dir(), "cli_images.npy")
+    def test_saved_model_cli_run_rejects_a_wrong_rank(self):
+        # The same session-based path TF Serving uses: the message must be
+        # ours, not a kernel's.
+        npy = os.path.join(self.get_temp_dir(), "one_image.npy")
+        np.save(npy, _images(1)[0])
+        result = _run(CLI + [
+            "run", "--dir", self.path, "--tag_set", "serve",
+            "--signature_def", "serving_default", "--inputs",
+            f"images={npy}", "--outdir", self.get_temp_dir(),
+            "--overwrite"])
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(export.INVALID_RANK_MESSAGE, result.stderr)
+        self.assertIn(f"[{SIDE} {SIDE} 3]", result.stderr)
+
+    def test_fresh_process_gives_keras_probabilities(self):
+        images = _images(4, seed=1)
+        npy = os.path.join(self.get_temp_dir(), "fresh_in.npy")
         np.save(npy, images)
-        out_dir = os.path.join(self.get_temp_dir(), "cli_out")
-        subprocess.run(
-            [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli",
-             "run", "--dir", self.path, "--tag_set", "serve",
-             "--signature_def", "serving_default", "--inputs",
-             f"images={npy}", "--outdir", out_dir, "--overwrite"],
-            check=True, capture_output=True)
-        self.assertAllClose(
-            np.load(os.path.join(out_dir, "probabilities.npy")),
-            _keras_probabilities(self.classifier, images), atol=1e-6)
+        result_path = os.path.join(self.get_temp_dir(), "fresh_out.npz")
+        code = (
+            "import sys, numpy as np, tensorflow as tf\n"
+            "model = tf.saved_model.load(sys.argv[1])\n"
+            "images = np.load(sys.argv[2])\n"
+            "pixels = model.signatures['serving_default'](\n"
+            "    images=tf.constant(images))\n"
+            "png = [tf.io.encode_png(i).numpy() for i in images]\n"
+            "encoded = model.signatures['serving_bytes'](\n"
+            "    image_bytes=tf.constant(png))\n"
+            "np.savez(sys.argv[3], pixels=pixels['probabilities'].numpy(),\n"
+            "         encoded=encoded['probabilities'].numpy(),\n"
+            "         names=pixels['class_names'].numpy().astype(str))\n")
+        result = _run([sys.executable, "-c", code, self.path, npy,
+                       result_path])
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        fresh = np.load(result_path)
+        expected = _keras_probabilities(self.classifier, images)
+        self.assertAllClose(fresh["pixels"], expected, atol=1e-6)
+        self.assertAllClose(fresh["encoded"], expected, atol=1e-6)
+        best = np.argmax(expected, axis=1)
+        self.assertEqual(list(fresh["names"][:, 0]),
+                         [NAMES[i] for i in best])
 
-    def test_outputs_and_resizing(self):
-        loaded = tf.saved_model.load(self.path)
-        serve = loaded.signatures["serving_default"]
-        out = serve(images=tf.constant(_images()))
-        self.assertEqual(out["top_k_ids"].shape, (4, 2))
-        names = out["top_k_names"].numpy()
+    def test_outputs_are_consistent(self):
+        out = self.serve(images=tf.constant(_images(5, seed=2)))
+        probabilities = out["probabilities"].numpy()
+        self.assertAllClose(probabilities.sum(axis=1), np.ones(5), atol=1e-6)
         ids = out["top_k_ids"].numpy()
-        self.assertEqual(names[0, 0].decode(), NAMES[ids[0, 0]])
-        bigger = serve(images=tf.zeros([1, 16, 12, 3], tf.uint8))
-        self.assertEqual(bigger["probabilities"].shape, (1, 3))
+        self.assertEqual(ids.dtype, np.int32)
+        self.assertAllEqual(ids, np.argsort(-probabilities, axis=1)[:, :2])
+        self.assertAllClose(out["top_k_scores"],
+                            np.take_along_axis(probabilities, ids, axis=1))
+        self.assertAllEqual(out["class_names"].numpy().astype(str),
+                            np.asarray(NAMES)[ids])
 
-    def test_bytes_signature_matches_on_png(self):
-        images = _images(2, seed=5)
-        encoded = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            encoded.append(buffer.getvalue())
-        loaded = tf.saved_model.load(self.path)
-        from_bytes = loaded.signatures["serving_bytes"](
-            image_bytes=tf.constant(encoded))
-        from_pixels = loaded.signatures["serving_default"](
-            images=tf.constant(images))
-        self.assertAllClose(from_bytes["probabilities"],
-                            from_pixels["probabilities"], atol=1e-6)
+    def test_png_bytes_give_exactly_the_pixel_result(self):
+        images = _images(3, seed=5)
+        from_bytes = self.serve_bytes(
+            image_bytes=tf.constant([_png(i) for i in images]))
+        from_pixels = self.serve(images=tf.constant(images))
+        for name in export.OUTPUTS:
+            self.assertAllEqual(from_bytes[name], from_pixels[name], name)
 
-    def test_bad_inputs_are_rejected(self):
-        serve = tf.saved_model.load(self.path).signatures["serving_default"]
-        with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                    "3 \\(RGB\\) channels"):
-            serve(images=tf.zeros([1, 8, 8, 4], tf.uint8))
-        # The signature says rank 4; a rank-3 batch fails in the graph with
-        # the received shape.
-        with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                    "4-dimensional\\[8,8,3\\]"):
-            serve(images=tf.zeros([8, 8, 3], tf.uint8))
-        # The dtype is part of the signature: rejected before the graph runs.
+    def test_jpeg_bytes_give_the_result_of_the_decoded_pixels(self):
+        images = _images(3, seed=6)
+        jpegs = [tf.io.encode_jpeg(i, quality=90).numpy() for i in images]
+        decoded = np.stack([tf.io.decode_jpeg(j).numpy() for j in jpegs])
+        self.assertFalse(np.array_equal(decoded, images))  # lossy
+        from_bytes = self.serve_bytes(image_bytes=tf.constant(jpegs))
+        self.assertAllClose(
+            from_bytes["probabilities"],
+            _keras_probabilities(self.classifier, decoded), atol=1e-6)
+
+    def test_other_sizes_are_resized_like_training(self):
+        big = _images(2, seed=7, side=3 * SIDE)
+        resizing = pipeline.Preprocessing(SIDE, PREP.mean, PREP.std)
+        expected = _keras_probabilities(self.classifier, big, resizing)
+        self.assertAllClose(self.serve(images=tf.constant(big))
+                            ["probabilities"], expected, atol=1e-6)
+        # serving_bytes: sizes may differ within one batch.
+        small = _images(1, seed=8, side=SIDE // 2)
+        mixed = self.serve_bytes(
+            image_bytes=tf.constant([_png(big[0]), _png(small[0])]))
+        self.assertAllClose(mixed["probabilities"][0], expected[0],
+                            atol=1e-6)
+        self.assertAllClose(
+            mixed["probabilities"][1],
+            _keras_probabilities(self.classifier, small, resizing)[0],
+            atol=1e-6)
+
+    def test_grayscale_is_tiled_to_rgb(self):
+        gray = _images(2, seed=4, channels=1)
+        self.assertAllEqual(
+            self.serve(images=tf.constant(gray))["probabilities"],
+            self.serve(images=tf.constant(np.repeat(gray, 3, axis=-1)))
+            ["probabilities"])
+
+    def test_bad_inputs_are_rejected_with_the_documented_errors(self):
+        cases = [
+            (_images(1)[0], export.INVALID_RANK_MESSAGE, "[8 8 3]"),
+            (_images(2)[None], export.INVALID_RANK_MESSAGE, "[1 2 8 8 3]"),
+            (np.zeros([8], np.uint8), export.INVALID_RANK_MESSAGE, "[8]"),
+            (_images(2, channels=4), export.INVALID_CHANNELS_MESSAGE,
+             "[2 8 8 4]"),
+            (_images(1, channels=2), export.INVALID_CHANNELS_MESSAGE,
+             "[1 8 8 2]"),
+        ]
+        for images, message, shape in cases:
+            with self.assertRaises(tf.errors.InvalidArgumentError) as caught:
+                self.serve(images=tf.constant(images))
+            self.assertIn(message, str(caught.exception))
+            self.assertIn(f"Received shape:] {shape}", str(caught.exception))
+        # The dtype is part of the signature: rejected before the graph.
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
                                     "expected to be a uint8 tensor"):
-            serve(images=tf.zeros([1, 8, 8, 3], tf.float32))
+            self.serve(images=tf.zeros([1, SIDE, SIDE, 3], tf.float32))
+        with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                    "Unknown image file format"):
+            self.serve_bytes(image_bytes=tf.constant([b"not an image"]))
 
-    def test_warmup_records_are_prediction_logs(self):
-        from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
-        records = list(tf.data.TFRecordDataset(
-            os.path.join(self.path, export.WARMUP_FILE)))
-        self.assertLen(records, 2)
-        log = prediction_log_pb2.PredictionLog.FromString(
-            records[0].numpy())
-        request = log.predict_log.request
-        self.assertEqual(request.model_spec.signature_name, "serving_default")
-        image = tf.make_ndarray(request.inputs["images"])
-        self.assertAllEqual(image, _images(2)[:1])
+    def test_warmup_records_are_valid_prediction_logs(self):
+        # pylint: disable=g-import-not-at-top
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+                   for r in tf.data.TFRecordDataset(
+                       os.path.join(self.path, export.WARMUP_FILE))]
+        self.assertLen(records, len(self.warmup) + 1)
+        requests = [r.predict_log.request for r in records]
+        self.assertEqual([r.model_spec.signature_name for r in requests],
+                         ["serving_default"] * 2 + ["serving_bytes"])
+        for i, request in enumerate(requests[:2]):
+            self.assertAllEqual(tf.make_ndarray(request.inputs["images"]),
+                                self.warmup[i:i + 1])
+        # Replay them as TF Serving does at load time: each must run.
+        replies = []
+        for request in requests:
+            signature = self.loaded.signatures[
+                request.model_spec.signature_name]
+            inputs = {name: tf.constant(tf.make_ndarray(proto))
+                      for name, proto in request.inputs.items()}
+            replies.append(signature(**inputs)["probabilities"].numpy())
+        # Batching may change the last bits of a float reduction.
+        self.assertAllClose(replies[2], np.concatenate(replies[:2]),
+                            atol=1e-6)
+        self.assertAllEqual(export.read_warmup_images(self.path),
+                            self.warmup)
+
+    def test_metadata_describes_the_export(self):
+        with open(os.path.join(self.path, export.METADATA_FILE)) as f:
+            metadata = json.load(f)
+        self.assertEqual(metadata["class_names"], NAMES)
+        self.assertEqual(metadata["input_shape"], [SIDE, SIDE, 3])
+        self.assertEqual(metadata["top_k"], 2)
+        self.assertEqual(metadata["preprocessing"], PREP.to_dict())
+
+    def test_only_the_classifier_variables_are_exported(self):
+        exported = sum(int(np.prod(v.shape)) for v in self.loaded.variables)
+        self.assertEqual(exported, self.classifier.count_params())
+
+
+class WriteSavedModelErrorsTest(tf.test.TestCase):
+
+    def _write(self, classifier, path, **overrides):
+        kwargs = dict(class_names=NAMES, preprocessing=PREP,
+                      input_shape=(SIDE, SIDE, 3))
+        kwargs.update(overrides)
+        return export.write_saved_model(classifier, path, **kwargs)
+
+    def test_a_failure_leaves_nothing_and_keeps_the_old_model(self):
+        root = self.get_temp_dir()
+        target = os.path.join(root, "model")
+        with mock.patch.object(export, "write_warmup_requests",
+                               side_effect=OSError("disk full")):
+            with self.assertRaisesRegex(OSError, "disk full"):
+                self._write(_classifier(), target,
+                            warmup_images=_images(1))
+        self.assertEqual(os.listdir(root), [])
+        # An existing model is replaced whole on success, kept on failure.
+        self._write(_classifier(), target)
+        marker = os.path.join(target, "marker")
+        open(marker, "w").close()
+        with mock.patch.object(export, "write_warmup_requests",
+                               side_effect=OSError("disk full")):
+            with self.assertRaises(OSError):
+                self._write(_classifier(), target, warmup_images=_images(1))
+        self.assertTrue(os.path.exists(marker))
+        self.assertEqual(os.listdir(root), ["model"])
+        self._write(_classifier(), target)
+        self.assertFalse(os.path.exists(marker))
+        self.assertEqual(os.listdir(root), ["model"])
+
+    def test_inconsistent_arguments(self):
+        path = os.path.join(self.get_temp_dir(), "never")
+        with self.assertRaisesRegex(ValueError, r"expected logits of shape "
+                                    r"\(1, 4\)"):
+            self._write(_classifier(), path, class_names=NAMES + ["three"])
+        with self.assertRaisesRegex(ValueError, "square RGB"):
+            self._write(_classifier(), path, input_shape=(SIDE, 4, 3))
+        with self.assertRaisesRegex(ValueError, "image_size=16"):
+            self._write(_classifier(), path, preprocessing=(
+                pipeline.Preprocessing(16, PREP.mean, PREP.std)))
+        with self.assertRaisesRegex(ValueError, "warmup_images"):
+            self._write(_classifier(), path,
+                        warmup_images=np.zeros((1, SIDE, SIDE, 3)))
+        self.assertFalse(os.path.exists(path))
+
+
+def _fake_workdir(root, name="run", with_saved_model=True):
+    """What pipelines.train leaves: weights, export_info, SavedModel."""
+    classifier = _classifier(seed=1)
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir)
+    classifier.save_weights(os.path.join(workdir, "classifier.weights.h5"))
+    info = {"model_name": "digits_lfm", "class_names": NAMES,
+            "input_shape": [SIDE, SIDE, 3], "preprocessing": PREP.to_dict(),
+            "architecture": {"kind": "backbone", "model": MODEL}}
+    with open(os.path.join(workdir, "export_info.json"), "w") as f:
+        json.dump(info, f)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.ExperimentConfig().to_json())
+    if with_saved_model:
+        export.write_saved_model(
+            classifier, os.path.join(workdir, "saved_model"),
+            class_names=NAMES, preprocessing=PREP,
+            input_shape=(SIDE, SIDE, 3), warmup_images=_images(3, seed=11))
+    return workdir, classifier
 
 
 class ExportForServingTest(tf.test.TestCase):
 
-    def test_layout_versions_and_refusal(self):
-        root = self.get_temp_dir()
-        workdir, classifier = _fake_workdir(root)
-        serving_root = os.path.join(root, "models")
-        first = export.export_for_serving(workdir, serving_root)
-        self.assertEqual(first, os.path.join(serving_root, "digits_lfm", "1"))
-        second = export.export_for_serving(workdir, serving_root)
-        self.assertEqual(os.path.basename(second), "2")
-        with self.assertRaisesRegex(ValueError, "--overwrite"):
-            export.export_for_serving(workdir, serving_root, version=1)
-        export.export_for_serving(workdir, serving_root, version=1,
-                                  overwrite=True)
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.root = tempfile.mkdtemp()
+        cls.workdir, cls.classifier = _fake_workdir(cls.root)
+
+    def test_load_classifier_rebuilds_the_weights(self):
+        classifier, info = export.load_classifier(self.workdir)
+        self.assertEqual(info["model_name"], "digits_lfm")
+        images = _images(3)
+        self.assertAllClose(_keras_probabilities(classifier, images),
+                            _keras_probabilities(self.classifier, images))
+
+    def test_layout_and_versions(self):
+        serving_root = os.path.join(self.get_temp_dir(), "models")
+        model_dir = os.path.join(serving_root, "digits_lfm")
+        first = export.export_for_serving(self.workdir, serving_root)
+        self.assertEqual(first, os.path.join(model_dir, "1"))
+        self.assertEqual(export.export_for_serving(self.workdir,
+                                                   serving_root),
+                         os.path.join(model_dir, "2"))
+        self.assertEqual(
+            export.export_for_serving(self.workdir, serving_root, version=7),
+            os.path.join(model_dir, "7"))
+        self.assertEqual(export.export_for_serving(self.workdir,
+                                                   serving_root),
+                         os.path.join(model_dir, "8"))
+        self.assertEqual(sorted(os.listdir(model_dir)),
+                         ["1", "2", "7", "8"])  # nothing hidden left over
+        for name in ("saved_model.pb", "variables", export.WARMUP_FILE,
+                     export.METADATA_FILE):
+            self.assertTrue(os.path.exists(os.path.join(first, name)), name)
         loaded = tf.saved_model.load(first)
-        images = _images()
+        images = _images(4, seed=2)
         self.assertAllClose(
             loaded.signatures["serving_default"](
                 images=tf.constant(images))["probabilities"],
-            _keras_probabilities(classifier, images), atol=1e-6)
+            _keras_probabilities(self.classifier, images), atol=1e-6)
+        # Warm-up carried over from the run's SavedModel (real examples).
+        self.assertAllEqual(export.read_warmup_images(first),
+                            _images(3, seed=11))
+        with open(os.path.join(first, export.METADATA_FILE)) as f:
+            metadata = json.load(f)
+        self.assertEqual((metadata["model_name"], metadata["version"]),
+                         ("digits_lfm", 1))
+        self.assertEqual(metadata["architecture"]["model"], MODEL)
+
+    def test_model_name_override(self):
+        serving_root = self.get_temp_dir()
+        path = export.export_for_serving(self.workdir, serving_root,
+                                         model_name="lfm")
+        self.assertEqual(path, os.path.join(serving_root, "lfm", "1"))
+        with self.assertRaisesRegex(ValueError, "model_name='a/b'"):
+            export.export_for_serving(self.workdir, serving_root,
+                                      model_name="a/b")
+
+    def test_refuses_to_overwrite_without_the_flag(self):
+        serving_root = self.get_temp_dir()
+        path = export.export_for_serving(self.workdir, serving_root)
+        marker = os.path.join(path, "marker")
+        open(marker, "w").close()
+        with self.assertRaises(FileExistsError) as caught:
+            export.export_for_serving(self.workdir, serving_root, version=1)
+        self.assertIn(path, str(caught.exception))
+        self.assertIn("--overwrite", str(caught.exception))
+        self.assertTrue(os.path.exists(marker))
         self.assertEqual(
-            sorted(os.listdir(os.path.join(serving_root, "digits_lfm"))),
-            ["1", "2"])
+            export.export_for_serving(self.workdir, serving_root, version=1,
+                                      overwrite=True), path)
+        self.assertFalse(os.path.exists(marker))
+        self.assertTrue(os.path.exists(os.path.join(path, "saved_model.pb")))
 
-    def test_failed_export_leaves_nothing(self):
+    def test_a_failed_export_leaves_no_version_behind(self):
+        serving_root = self.get_temp_dir()
+        model_dir = os.path.join(serving_root, "digits_lfm")
+        path = export.export_for_serving(self.workdir, serving_root)
+        marker = os.path.join(path, "marker")
+        open(marker, "w").close()
+        with mock.patch.object(export, "write_warmup_requests",
+                               side_effect=OSError("disk full")):
+            with self.assertRaisesRegex(OSError, "disk full"):
+                export.export_for_serving(self.workdir, serving_root)
+            with self.assertRaisesRegex(OSError, "disk full"):
+                export.export_for_serving(self.workdir, serving_root,
+                                          version=1, overwrite=True)
+        self.assertEqual(os.listdir(model_dir), ["1"])
+        self.assertTrue(os.path.exists(marker))
+
+    def test_a_version_created_meanwhile_is_not_replaced(self):
+        # Another export writes version 1 while this one is being built.
+        serving_root = self.get_temp_dir()
+        target = os.path.join(serving_root, "digits_lfm", "1")
+        load = export.load_classifier
+
+        def load_then_race(workdir):
+            loaded = load(workdir)
+            os.makedirs(target)
+            open(os.path.join(target, "theirs"), "w").close()
+            return loaded
+
+        with mock.patch.object(export, "load_classifier", load_then_race):
+            with self.assertRaisesRegex(FileExistsError, target):
+                export.export_for_serving(self.workdir, serving_root)
+        self.assertEqual(os.listdir(target), ["theirs"])
+        self.assertEqual(os.listdir(os.path.dirname(target)), ["1"])
+
+    def test_bad_versions(self):
+        for version in (0, -3, 1.5, "2", True):
+            with self.assertRaisesRegex(ValueError, "positive integer"):
+                export.export_for_serving(self.workdir, self.get_temp_dir(),
+                                          version=version)
+
+    def test_missing_files_name_the_file_and_the_command(self):
+        empty = self.get_temp_dir()
+        with self.assertRaises(FileNotFoundError) as caught:
+            export.export_for_serving(empty, os.path.join(empty, "m"))
+        self.assertIn(os.path.join(empty, "export_info.json"),
+                      str(caught.exception))
+        self.assertIn("python -m pipelines.train", str(caught.exception))
+        workdir = os.path.join(self.get_temp_dir(), "no_weights")
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "export_info.json"), "w") as f:
+            json.dump({"model_name": "m", "class_names": NAMES,
+                       "input_shape": [SIDE, SIDE, 3],
+                       "preprocessing": PREP.to_dict(),
+                       "architecture": {"kind": "backbone",
+                                        "model": MODEL}}, f)
+        with self.assertRaisesRegex(FileNotFoundError,
+                                    "classifier.weights.h5.*pipelines.train"):
+            export.load_classifier(workdir)
+        with open(os.path.join(workdir, "export_info.json"), "w") as f:
+            json.dump({"model_name": "m"}, f)
+        with self.assertRaisesRegex(ValueError, "lacks"):
+            export.load_classifier(workdir)
+
+    def test_without_a_run_saved_model_there_is_no_warmup(self):
+        workdir, _ = _fake_workdir(self.get_temp_dir(), "bare",
+                                   with_saved_model=False)
+        path = export.export_for_serving(workdir, self.get_temp_dir())
+        self.assertFalse(os.path.exists(os.path.join(path,
+                                                     export.WARMUP_FILE)))
+        self.assertTrue(os.path.exists(os.path.join(path, "saved_model.pb")))
+
+    def test_genotype_classifier_is_rebuilt_from_its_fields(self):
+        # lfm_tf.nas stand-ins that record how the network is built.
+        built = {}
+
+        class Genotype:
+            @staticmethod
+            def from_json(value):
+                built["genotype_json"] = value
+                return "parsed-genotype"
+
+        def network_cifar(**kwargs):
+            built.update(kwargs)
+            return _classifier(seed=5)
+
+        genotypes = type(sys)("lfm_tf.nas.genotypes")
+        genotypes.Genotype = Genotype
+        network = type(sys)("lfm_tf.nas.network")
+        network.NetworkCifar = network_cifar
+        nas = type(sys)("lfm_tf.nas")
+        nas.genotypes, nas.network = genotypes, network
+        workdir = os.path.join(self.get_temp_dir(), "nas")
+        os.makedirs(workdir)
+        trained = _classifier(seed=6)
+        trained.save_weights(os.path.join(workdir, "classifier.weights.h5"))
+        genotype_json = {"normal": [["sep_conv_3x3", 0]], "normal_concat": [2]}
+        with open(os.path.join(workdir, "export_info.json"), "w") as f:
+            json.dump({"model_name": "pdarts", "class_names": NAMES,
+                       "input_shape": [SIDE, SIDE, 3],
+                       "preprocessing": PREP.to_dict(),
+                       "architecture": {"kind": "genotype",
+                                        "genotype": genotype_json,
+                                        "init_channels": 16,
+                                        "num_layers": 8,
+                                        "auxiliary": True}}, f)
+        with mock.patch.dict(sys.modules, {
+                "lfm_tf.nas": nas, "lfm_tf.nas.genotypes": genotypes,
+                "lfm_tf.nas.network": network}):
+            classifier, _ = export.load_classifier(workdir)
+        self.assertEqual(built, {
+            "genotype_json": genotype_json, "genotype": "parsed-genotype",
+            "init_channels": 16, "num_classes": 3, "num_layers": 8,
+            "auxiliary": True})
+        images = _images(2)
+        self.assertAllClose(_keras_probabilities(classifier, images),
+                            _keras_probabilities(trained, images))
+
+    def test_unknown_architecture_kind(self):
+        workdir = os.path.join(self.get_temp_dir(), "odd")
+        os.makedirs(workdir)
+        open(os.path.join(workdir, "classifier.weights.h5"), "w").close()
+        with open(os.path.join(workdir, "export_info.json"), "w") as f:
+            json.dump({"model_name": "m", "class_names": NAMES,
+                       "input_shape": [SIDE, SIDE, 3],
+                       "preprocessing": PREP.to_dict(),
+                       "architecture": {"kind": "supernet"}}, f)
+        with self.assertRaisesRegex(ValueError, "'supernet'"):
+            export.load_classifier(workdir)
+
+
+class CommandLineTest(tf.test.TestCase):
+    """`python -m pipelines.export` end to end, in subprocesses."""
+
+    def test_export_then_refuse_then_missing_run(self):
         root = self.get_temp_dir()
-        target = os.path.join(root, "never")
-
-        class Broken(keras.Model):
-            def call(self, x, training=None):
-                raise RuntimeError("boom")
-
-        with self.assertRaises(Exception):
-            export.write_saved_model(
-                Broken(), target, class_names=NAMES, preprocessing=PREP,
-                input_shape=(8, 8, 3))
-        self.assertFalse(os.path.exists(target))
-        self.assertEqual([d for d in os.listdir(root) if d.startswith(".")],
-                         [])
-
-    def test_missing_workdir_files(self):
-        with self.assertRaisesRegex(ValueError, "pipelines.train"):
-            export.export_for_serving(self.get_temp_dir(), "/tmp/x")
-        with self.assertRaisesRegex(ValueError, "positive integer"):
-            workdir, _ = _fake_workdir(os.path.join(self.get_temp_dir(), "v"))
-            export.export_for_serving(workdir, "/tmp/x", version=0)
-
-    def test_command_line(self):
-        root = self.get_temp_dir()
-        workdir, _ = _fake_workdir(root)
-        result = subprocess.run(
-            [sys.executable, "-m", "pipelines.export", f"--workdir={workdir}",
-             f"--export_dir={root}/served", "--version=7"],
-            cwd=REPO, capture_output=True, text=True, check=False)
+        workdir, classifier = _fake_workdir(root)
+        served = os.path.join(root, "served")
+        command = [sys.executable, "-m", "pipelines.export",
+                   f"--workdir={workdir}", f"--export_dir={served}",
+                   "--version=3", "--model_name=lfm"]
+        result = _run(command)
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        self.assertTrue(os.path.exists(
-            os.path.join(root, "served", "digits_lfm", "7", "saved_model.pb")))
+        path = os.path.join(served, "lfm", "3")
+        self.assertIn(path, result.stdout)
+        images = _images(2, seed=3)
+        self.assertAllClose(
+            tf.saved_model.load(path).signatures["serving_default"](
+                images=tf.constant(images))["probabilities"],
+            _keras_probabilities(classifier, images), atol=1e-6)
+
+        again = _run(command)
+        self.assertEqual(again.returncode, 1)
+        self.assertIn(f"error: {path} already exists; pass --overwrite",
+                      again.stderr)
+
+        missing = _run([sys.executable, "-m", "pipelines.export",
+                        f"--workdir={root}/nothing", f"--export_dir={served}"])
+        self.assertEqual(missing.returncode, 1)
+        self.assertIn("export_info.json not found", missing.stderr)
+        self.assertIn("python -m pipelines.train", missing.stderr)
+        self.assertEqual(os.listdir(os.path.join(served, "lfm")), ["3"])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Image sources: embedded digits, image folders / archives, TFDS, arrays.
+"""Image sources: embedded digits, image folders or archives, TFDS, arrays.
 
-Every source returns `SourceData`: uint8 RGB images [N, H, W, 3], int64
-labels and class names, with the official test split where the source has
-one (digits has none; `splits.make_splits` carves one).
+Every source returns a `SourceData`: uint8 RGB images [N, H, W, 3], int64
+labels and class names in label order, plus the source's own test split
+when it has one (digits has none; `splits.make_splits` then carves one).
+
+Pixels are uint8 everywhere on purpose: it is what files decode to, what the
+exported model accepts (DESIGN §5), and four times smaller than float32 in
+the tf.data cache. Normalisation happens in `pipeline.preprocess`.
 """
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -15,10 +18,13 @@ import tempfile
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import tensorflow as tf
 from absl import logging
-from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Bump when decoding changes, so that stale caches are not reused.
+DECODED_CACHE_NAME = "decoded_v1.npz"
+_TFDS_BATCH = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +33,11 @@ class SourceData:
 
     Attributes:
       train_images: uint8 [N, H, W, 3].
-      train_labels: int64 [N].
+      train_labels: int64 [N] in [0, C).
       test_images: uint8 [M, H, W, 3], or None when the source has no test
         split.
       test_labels: int64 [M], or None.
-      class_names: names of the classes, label index order.
+      class_names: C names, in label order.
     """
 
     train_images: np.ndarray
@@ -41,91 +47,122 @@ class SourceData:
     class_names: Tuple[str, ...]
 
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def _to_rgb_uint8(images, what):
-    """uint8 [N,H,W,3] from uint8 [N,H,W], [N,H,W,1] or [N,H,W,3]."""
+def _as_rgb_uint8(images, what):
+    """uint8 [N, H, W, 3] from uint8 [N, H, W], [N, H, W, 1] or [N, H, W, 3].
+
+    Only uint8 is accepted. A float array is ambiguous (is 1.0 white, or
+    almost black?), so it is rejected with the conversion to use instead of
+    being guessed at.
+    """
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(
             f"Received {what} of dtype {images.dtype}; expected uint8 pixels "
-            "in [0, 255]. Convert with (x * 255).round().astype(np.uint8) "
-            "for floats in [0, 1]."
+            "in [0, 255]. Convert floats in [0, 1] with "
+            "(x * 255).round().astype(np.uint8), floats in [0, 255] with "
+            "x.round().astype(np.uint8)."
         )
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
         raise ValueError(
-            f"Received {what} of shape {images.shape}; expected [N, H, W], "
-            "[N, H, W, 1] or [N, H, W, 3]."
+            f"Received {what} of shape {images.shape}; expected a non-empty "
+            "[N, H, W], [N, H, W, 1] or [N, H, W, 3] array."
         )
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     return images
 
 
-def from_arrays(images, labels, class_names: Optional[Sequence[str]] = None,
-                test_images=None, test_labels=None) -> SourceData:
-    """Wraps numpy arrays, checking dtypes, shapes and label ranges.
-
-    Args:
-      images: uint8 [N, H, W(, 1 or 3)].
-      labels: int [N] in [0, C).
-      class_names: C names (default "0".."C-1").
-      test_images: optional uint8 test images, same H and W.
-      test_labels: int labels of `test_images`.
-
-    Raises:
-      ValueError: mismatched lengths, labels out of range, bad dtype/shape.
-    """
-    images = _to_rgb_uint8(images, "images")
-    labels = np.asarray(labels).astype(np.int64)
-    if len(images) != len(labels):
+def _as_labels(labels, num_images, what):
+    """int64 [N] from integer labels, one per image."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"Received {len(images)} images but {len(labels)} labels; "
+            f"Received {what} of shape {labels.shape} and dtype "
+            f"{labels.dtype}; expected a vector of integer class ids."
+        )
+    if len(labels) != num_images:
+        raise ValueError(
+            f"Received {num_images} images but {len(labels)} {what}; "
             "expected one label per image."
         )
-    if class_names is None:
-        class_names = [str(c) for c in range(int(labels.max()) + 1)]
-    num_classes = len(class_names)
+    return labels.astype(np.int64)
+
+
+def _check_range(labels, num_classes, what):
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
-            f"Received labels in [{labels.min()}, {labels.max()}]; expected "
-            f"[0, {num_classes - 1}] for {num_classes} class names."
+            f"Received {what} in [{labels.min()}, {labels.max()}]; expected "
+            f"[0, {num_classes - 1}] for {num_classes} class names. Pass "
+            "class_names for every class or fix the labels."
         )
+
+
+def from_arrays(images, labels, class_names: Optional[Sequence[str]] = None,
+                test_images=None, test_labels=None) -> SourceData:
+    """Wraps numpy arrays after checking them.
+
+    Args:
+      images: uint8 [N, H, W], [N, H, W, 1] or [N, H, W, 3]; grayscale is
+        replicated to 3 channels. Floats are rejected (see the error).
+      labels: integer [N] in [0, C).
+      class_names: C names; default "0".."max(labels)".
+      test_images: optional uint8 test images of the same H and W.
+      test_labels: integer labels of `test_images`.
+
+    Returns:
+      `SourceData`.
+
+    Raises:
+      ValueError: wrong dtype or rank, mismatched lengths or image sizes,
+        labels out of range, test images without test labels (or the
+        reverse).
+    """
+    images = _as_rgb_uint8(images, "images")
+    labels = _as_labels(labels, len(images), "labels")
+    if class_names is None:
+        class_names = [str(c) for c in range(int(labels.max()) + 1)]
+    class_names = tuple(str(name) for name in class_names)
+    _check_range(labels, len(class_names), "labels")
     if (test_images is None) != (test_labels is None):
-        raise ValueError("Pass both test_images and test_labels, or neither.")
+        raise ValueError(
+            "Received only one of test_images and test_labels; expected "
+            "both or neither."
+        )
     if test_images is not None:
-        test_images = _to_rgb_uint8(test_images, "test_images")
-        test_labels = np.asarray(test_labels).astype(np.int64)
-        if len(test_images) != len(test_labels):
-            raise ValueError(
-                f"Received {len(test_images)} test images but "
-                f"{len(test_labels)} test labels."
-            )
+        test_images = _as_rgb_uint8(test_images, "test_images")
+        test_labels = _as_labels(test_labels, len(test_images),
+                                 "test_labels")
+        _check_range(test_labels, len(class_names), "test_labels")
         if test_images.shape[1:] != images.shape[1:]:
             raise ValueError(
-                f"Test images are {test_images.shape[1:]} but training "
-                f"images are {images.shape[1:]}; expected the same size."
+                f"Received test images of size {test_images.shape[1:]} and "
+                f"training images of size {images.shape[1:]}; expected one "
+                "size. Resize them to match."
             )
-    return SourceData(images, labels, test_images, test_labels,
-                      tuple(class_names))
+    return SourceData(images, labels, test_images, test_labels, class_names)
 
 
 def load_digits() -> SourceData:
-    """scikit-learn's 8x8 digits (1,797 images), shipped inside sklearn.
+    """scikit-learn's 1,797 8x8 handwritten digits, shipped inside sklearn.
 
-    Pixels 0..16 become 0..255 and are replicated to 3 channels. No test
+    Pixels 0..16 are scaled to 0..255 and replicated to 3 channels. No test
     split: `make_splits` carves a stratified one.
+
+    Returns:
+      `SourceData` with uint8 [1797, 8, 8, 3] images, names "0".."9".
     """
+    # Imported here: sklearn is slow to import and only this source needs it.
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
     digits = datasets.load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return from_arrays(images, digits.target,
-                       [str(c) for c in range(10)])
+    return from_arrays(images, digits.target, [str(c) for c in range(10)])
 
 
 def _sha256(path):
@@ -136,188 +173,353 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _default_cache_dir():
+def default_cache_dir() -> str:
+    """`~/.cache/lfm_tf`: where archives are extracted by default."""
     return os.path.join(os.path.expanduser("~"), ".cache", "lfm_tf")
 
 
-def extract_archive(path, cache_dir=None):
-    """Extracts a `.tar.gz` once into `<cache>/<sha256>/`; returns that dir."""
-    cache_dir = cache_dir or _default_cache_dir()
-    target = os.path.join(cache_dir, _sha256(path)[:16])
+def extract_archive(path: str, cache_dir: Optional[str] = None) -> str:
+    """Extracts a `.tar.gz` once, into `<cache_dir>/<sha256 of the archive>`.
+
+    Extraction goes to a temporary folder inside the cache, renamed into
+    place when complete, so an interrupted run never leaves a half-extracted
+    folder that a later run would trust. Two processes racing both extract;
+    the loser drops its copy.
+
+    Args:
+      path: the archive (any compression `tarfile` reads).
+      cache_dir: parent of the extraction; default `default_cache_dir()`.
+
+    Returns:
+      The extraction folder.
+
+    Raises:
+      ValueError: the file is not a readable tar archive.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    target = os.path.join(cache_dir, _sha256(path))
     if os.path.isdir(target):
         return target
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".extract-")
     try:
+        logging.info("Extracting %s to %s", path, target)
         with tarfile.open(path, "r:*") as archive:
+            # filter="data" refuses absolute paths, links out of the folder
+            # and device files: the archive is untrusted input.
             archive.extractall(tmp, filter="data")
-        os.replace(tmp, target)
     except (tarfile.TarError, OSError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(
-            f"Could not extract {path}: {error}. Expected a .tar.gz of class "
-            "folders."
+            f"Received data_path={path} that could not be extracted "
+            f"({error}); expected a .tar.gz of class folders. Check the file."
         ) from error
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # Another process won.
     return target
 
 
-def _class_dirs(root):
+def _subfolders(root):
     return sorted(
-        d for d in os.listdir(root)
-        if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+        name for name in os.listdir(root)
+        if os.path.isdir(os.path.join(root, name)) and not name.startswith(".")
     )
 
 
 def _find_split_root(root):
-    """The directory holding `train/` (and maybe `test/`), or class folders."""
-    for current, dirs, _ in os.walk(root):
-        if "train" in dirs:
+    """The shallowest folder holding `train/`, or None (plain classes)."""
+    for current, folders, _ in os.walk(root):
+        folders.sort()  # Walk in a fixed order.
+        if "train" in folders:
             return current
-    return root
+    return None
 
 
-def _decode(path):
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not decode image {path}: {error}. Remove or replace the "
-            "file."
-        ) from error
-
-
-def _read_class_folders(root, class_names=None):
-    names = class_names or _class_dirs(root)
+def _list_images(root, class_names):
+    """Image paths under `<root>/<class>/` and their labels, sorted."""
     files, labels = [], []
-    for label, name in enumerate(names):
+    for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
-            raise ValueError(
-                f"Class folder {folder} is missing; expected the same class "
-                f"folders as the training split: {list(names)}."
-            )
         for file in sorted(os.listdir(folder)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
+            # Hidden files (macOS "._x.jpg" forks) are not images.
+            if (file.lower().endswith(IMAGE_EXTENSIONS)
+                    and not file.startswith(".")):
                 files.append(os.path.join(folder, file))
                 labels.append(label)
     if not files:
         raise ValueError(
-            f"Found no images ({', '.join(IMAGE_EXTENSIONS)}) in class "
-            f"folders under {root}; expected <root>/<class>/<image>."
+            f"Received data_path with no images ({', '.join(IMAGE_EXTENSIONS)})"
+            f" in class folders under {root}; expected <root>/<class>/<image>"
+            " or <root>/train/<class>/<image>. Point --data_path there."
         )
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        images = list(pool.map(_decode, files, chunksize=256))
-    shapes = {image.shape for image in images}
-    if len(shapes) > 1:
-        first = images[0].shape
-        odd = next(f for f, im in zip(files, images) if im.shape != first)
-        raise ValueError(
-            f"Images differ in size: {files[0]} is {first} but {odd} is "
-            f"{_decode(odd).shape}; expected one size. Resize them first."
-        )
-    return np.stack(images), np.asarray(labels, np.int64), tuple(names)
+    return files, np.asarray(labels, np.int64)
 
 
-def load_image_folder(path, cache_dir=None) -> SourceData:
-    """Class folders, or a `.tar.gz` of them (extracted once, cached).
+def _decode_file(path):
+    """uint8 [H, W, 3] of one file (the first frame of a GIF)."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3,
+                              expand_animations=False)
 
-    Accepted layouts: `<root>/train/<class>/*` (+ optional `test/<class>/*`),
-    or `<root>/<class>/*` (training images only). Class names sort
-    alphabetically into label indices. Decoded arrays are cached as `.npz`
-    beside an extracted archive, so a second load skips decoding.
+
+def decode_images(files: Sequence[str]) -> np.ndarray:
+    """Decodes image files in parallel with tf.data.
+
+    tf.io decodes (not PIL) because the exported model decodes JPEG bytes
+    with tf.io too: training and serving see the same pixels. It is also
+    twice as fast as a PIL thread pool here.
+
+    Args:
+      files: paths of JPEG, PNG, BMP or GIF (first frame) files.
+
+    Returns:
+      uint8 [N, H, W, 3]; grayscale and palette images become RGB.
 
     Raises:
-      ValueError: missing path, no images, a corrupt image (named), images of
-        different sizes, test classes that differ from train classes.
+      ValueError: a file that does not decode (all such paths are named), or
+        images of different sizes.
+    """
+    files = list(files)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (files, np.arange(len(files))))
+    dataset = dataset.map(
+        lambda path, i: (_decode_file(path), i),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A corrupt file must not abort the pass: skipping it leaves a gap in
+    # the running index, which names every bad file in one error.
+    dataset = dataset.ignore_errors()
+    images, decoded = [], []
+    for image, i in dataset.as_numpy_iterator():
+        images.append(image)
+        decoded.append(i)
+    if len(decoded) < len(files):
+        bad = sorted(set(range(len(files))) - set(decoded))
+        names = [files[i] for i in bad]
+        raise ValueError(
+            f"Received {len(bad)} image file(s) that do not decode: "
+            f"{names[:5]}{' ...' if len(bad) > 5 else ''}; expected JPEG, "
+            "PNG, BMP or GIF. Remove or replace them."
+        )
+    first = images[0].shape
+    for path, image in zip(files, images):
+        if image.shape != first:
+            raise ValueError(
+                f"Received images of different sizes: {files[0]} is {first} "
+                f"but {path} is {image.shape}; expected one size. Resize the "
+                "images to a common size first."
+            )
+    return np.stack(images)
+
+
+def _read_split(folder, class_names):
+    files, labels = _list_images(folder, class_names)
+    logging.info("Decoding %d images under %s", len(files), folder)
+    return decode_images(files), labels
+
+
+def _unwrap(root):
+    """Descends through lone wrapper folders, e.g. an archive's top folder.
+
+    A folder whose only entry is one folder that itself holds folders is a
+    wrapper (`mini/` in `mini/cat/1.png`), not a class folder.
+    """
+    while True:
+        entries = [e for e in os.listdir(root) if not e.startswith(".")]
+        if len(entries) != 1:
+            return root
+        child = os.path.join(root, entries[0])
+        if not os.path.isdir(child) or not _subfolders(child):
+            return root
+        root = child
+
+
+def _read_layout(root):
+    """Decodes `<root>/[train|test]/<class>/*` or `<root>/<class>/*`."""
+    split_root = _find_split_root(root)
+    if split_root is None:
+        root = _unwrap(root)
+        class_names = _subfolders(root)
+        if not class_names:
+            raise ValueError(
+                f"Received data_path={root} without class folders; expected "
+                "<root>/<class>/<image> or <root>/train/<class>/<image>."
+            )
+        images, labels = _read_split(root, class_names)
+        return from_arrays(images, labels, class_names)
+    train_dir = os.path.join(split_root, "train")
+    class_names = _subfolders(train_dir)
+    if not class_names:
+        raise ValueError(
+            f"Received {train_dir} without class folders; expected "
+            f"{train_dir}/<class>/<image>."
+        )
+    images, labels = _read_split(train_dir, class_names)
+    test_dir = os.path.join(split_root, "test")
+    if not os.path.isdir(test_dir):
+        return from_arrays(images, labels, class_names)
+    if _subfolders(test_dir) != class_names:
+        raise ValueError(
+            f"Received test classes {_subfolders(test_dir)} under {test_dir}"
+            f" but training classes {class_names}; expected the same class "
+            "folders in train/ and test/. Add or remove folders to match."
+        )
+    test_images, test_labels = _read_split(test_dir, class_names)
+    return from_arrays(images, labels, class_names, test_images, test_labels)
+
+
+def _save_decoded(source, path):
+    """Writes the decoded arrays to an `.npz`, atomically."""
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+    os.close(handle)
+    has_test = source.test_images is not None
+    empty = np.zeros((0,), np.uint8)
+    try:
+        np.savez(
+            tmp,
+            train_images=source.train_images,
+            train_labels=source.train_labels,
+            test_images=source.test_images if has_test else empty,
+            test_labels=source.test_labels if has_test else empty,
+            has_test=has_test,
+            class_names=np.asarray(source.class_names, dtype=str),
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_decoded(path):
+    with np.load(path, allow_pickle=False) as data:
+        has_test = bool(data["has_test"])
+        return SourceData(
+            train_images=data["train_images"],
+            train_labels=data["train_labels"],
+            test_images=data["test_images"] if has_test else None,
+            test_labels=data["test_labels"] if has_test else None,
+            class_names=tuple(str(name) for name in data["class_names"]),
+        )
+
+
+def load_image_folder(path: str,
+                      cache_dir: Optional[str] = None) -> SourceData:
+    """Class folders, or a `.tar.gz` of them.
+
+    Layouts: `<root>/train/<class>/*` (+ optional `<root>/test/<class>/*`),
+    where `<root>` is the shallowest folder holding `train/`; or
+    `<root>/<class>/*` (training images only). Class names sorted
+    alphabetically are the label indices. An archive is extracted once to
+    `<cache_dir>/<sha256>/` and its decoded arrays are cached beside the
+    extraction as an `.npz`, so a second load takes a fraction of a second.
+
+    Args:
+      path: a folder or a tar archive.
+      cache_dir: extraction parent; default `~/.cache/lfm_tf`.
+
+    Returns:
+      `SourceData` (test split only with a `test/` folder).
+
+    Raises:
+      ValueError: a missing path, no images, undecodable images (named),
+        images of different sizes, different class folders in train/ and
+        test/.
     """
     if not os.path.exists(path):
         raise ValueError(
-            f"Data path {path} does not exist; expected a folder or .tar.gz "
-            "of class folders. Set --data_path."
+            f"Received data_path={path}, which does not exist; expected a "
+            "folder or .tar.gz of class folders. Set --data_path."
         )
-    cache_file = None
-    if os.path.isfile(path):
-        root = extract_archive(path, cache_dir)
-        cache_file = os.path.join(root, "decoded.npz")
-        if os.path.exists(cache_file):
-            with np.load(cache_file, allow_pickle=False) as data:
-                test = data["test_images"] if data["has_test"] else None
-                return SourceData(
-                    data["train_images"], data["train_labels"], test,
-                    data["test_labels"] if data["has_test"] else None,
-                    tuple(str(n) for n in data["class_names"]),
-                )
-    else:
-        root = path
-    split_root = _find_split_root(root)
-    train_dir = os.path.join(split_root, "train")
-    if not os.path.isdir(train_dir):
-        train_dir = split_root
-    logging.info("Decoding images under %s", split_root)
-    images, labels, names = _read_class_folders(train_dir)
-    test_dir = os.path.join(split_root, "test")
-    test_images = test_labels = None
-    if os.path.isdir(test_dir) and train_dir != split_root:
-        if _class_dirs(test_dir) != list(names):
-            raise ValueError(
-                f"Test classes {_class_dirs(test_dir)} differ from training "
-                f"classes {list(names)} under {split_root}."
-            )
-        test_images, test_labels, _ = _read_class_folders(test_dir, names)
-    source = from_arrays(images, labels, names, test_images, test_labels)
-    if cache_file:
-        handle, tmp = tempfile.mkstemp(dir=root, suffix=".npz")
-        os.close(handle)
-        has_test = test_images is not None
-        np.savez(
-            tmp, train_images=source.train_images,
-            train_labels=source.train_labels,
-            test_images=source.test_images if has_test else np.zeros(0),
-            test_labels=source.test_labels if has_test else np.zeros(0),
-            has_test=has_test, class_names=np.array(names),
-        )
-        os.replace(tmp, cache_file)
+    if os.path.isdir(path):
+        return _read_layout(path)
+    root = extract_archive(path, cache_dir)
+    cached = os.path.join(root, DECODED_CACHE_NAME)
+    if os.path.exists(cached):
+        logging.info("Loading decoded images from %s", cached)
+        return _load_decoded(cached)
+    source = _read_layout(root)
+    _save_decoded(source, cached)
     return source
 
 
-def load_tfds(name, data_dir=None) -> SourceData:
-    """A TFDS image-classification data set (train + test splits).
+def load_tfds(name: str, data_dir: Optional[str] = None) -> SourceData:
+    """A prepared TFDS image-classification data set, train and test splits.
 
-    The data must already be prepared in `data_dir` (or be mocked in tests);
-    a missing data set fails fast instead of downloading.
+    Nothing is downloaded (`download=False`): an unprepared data set fails
+    at once instead of after ~200 s of retries offline. Works under
+    `tfds.testing.mock_data`.
+
+    Args:
+      name: TFDS name, e.g. `cifar10` or `mnist`.
+      data_dir: TFDS data directory; default TFDS's own.
+
+    Returns:
+      `SourceData`, class names from `info.features["label"].names`,
+      grayscale replicated to 3 channels.
+
+    Raises:
+      ValueError: unknown name, data set not prepared, images of different
+        sizes.
     """
+    # Imported here: tensorflow_datasets is slow to import and optional.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    def load(split):
-        dataset, info = tfds.load(
-            name, split=split, data_dir=data_dir, as_supervised=True,
-            with_info=True, download=False,
-        )
-        # Element by element: whole-split batches (batch_size=-1) abort the
-        # process on mocked data sets in tfds 4.9.10.
-        pairs = list(tfds.as_numpy(dataset.batch(1024)))
-        images = np.concatenate([p[0] for p in pairs])
-        labels = np.concatenate([p[1] for p in pairs])
-        return images.astype(np.uint8), labels, info
-
     try:
-        images, labels, info = load("train")
-    except (AssertionError, FileNotFoundError, ValueError) as error:
+        train, info = tfds.load(name, split="train", data_dir=data_dir,
+                                as_supervised=True, with_info=True,
+                                download=False)
+    except tfds.core.DatasetNotFoundError as error:
         raise ValueError(
-            f"TFDS data set {name!r} is not prepared in data_dir={data_dir}: "
-            f"{error}. Prepare it with tfds.builder({name!r}).download_and_"
-            "prepare() on a connected machine and pass --data_dir."
+            f"Received tfds_name={name!r}, which TFDS does not know; expected"
+            " an image-classification data set name such as 'cifar10'. "
+            "Check --tfds_name."
         ) from error
-    names = info.features["label"].names
+    except AssertionError as error:
+        raise ValueError(
+            f"Received tfds_name={name!r} that is not prepared in "
+            f"data_dir={data_dir}; expected a prepared data set (nothing is "
+            f"downloaded). Run tfds.builder({name!r}, data_dir=...)."
+            "download_and_prepare() on a connected machine and pass "
+            "--data_dir."
+        ) from error
+    class_names = info.features["label"].names
+    images, labels = _tfds_arrays(train, name)
     test_images = test_labels = None
-    if "test" in info.splits:
-        test_images, test_labels, _ = load("test")
-    return from_arrays(images, labels, names, test_images, test_labels)
+    # Mocked data sets (tfds.testing.mock_data) list no splits at all but
+    # serve any split asked for; prepared ones list theirs.
+    if "test" in info.splits or not info.splits:
+        test = tfds.load(name, split="test", data_dir=data_dir,
+                         as_supervised=True, download=False)
+        test_images, test_labels = _tfds_arrays(test, name)
+    return from_arrays(images, labels, class_names, test_images, test_labels)
+
+
+def _tfds_arrays(dataset, name):
+    """(uint8 images, int64 labels) of a supervised TFDS split."""
+    try:
+        batches = list(dataset.batch(_TFDS_BATCH).as_numpy_iterator())
+    except tf.errors.InvalidArgumentError as error:
+        raise ValueError(
+            f"Received tfds_name={name!r} whose images differ in size; "
+            "expected one size. Use --source=folder with resized images."
+        ) from error
+    images = np.concatenate([batch[0] for batch in batches])
+    labels = np.concatenate([batch[1] for batch in batches])
+    return images, labels
 
 
 def load_source(config, arrays: Optional[SourceData] = None) -> SourceData:
-    """The source named by `config.source` (`DataConfig`)."""
+    """The source named by `config.source`.
+
+    Args:
+      config: `DataConfig`.
+      arrays: the data for `source="arrays"` (from `from_arrays`).
+
+    Raises:
+      ValueError: an unknown source, or `arrays` missing for "arrays".
+    """
     if config.source == "digits":
         return load_digits()
     if config.source == "folder":
@@ -327,9 +529,11 @@ def load_source(config, arrays: Optional[SourceData] = None) -> SourceData:
     if config.source == "arrays":
         if arrays is None:
             raise ValueError(
-                "source='arrays' needs the arrays: pass "
-                "sources.from_arrays(...) as `arrays`."
+                "Received source='arrays' without arrays; expected a "
+                "SourceData. Pass arrays=sources.from_arrays(images, labels)."
             )
         return arrays
-    raise ValueError(f"Received source={config.source!r}; expected one of "
-                     "digits, folder, tfds, arrays.")
+    raise ValueError(
+        f"Received source={config.source!r}; expected one of digits, folder,"
+        " tfds, arrays. Set --source."
+    )

@@ -43,6 +43,8 @@ _ROWS = {
     "l2rw": dict(method="l2rw"),
     "mwnet": dict(method="mwnet"),
     "dbl": dict(method="dbl"),
+    "penalty": dict(method="penalty"),
+    "penalty_t5": dict(method="penalty", penalty_inner_steps=5),
     "lfm_exact": dict(method="lfm", hypergradient="exact"),
     "lfm_finite_difference": dict(method="lfm",
                                   hypergradient="finite_difference"),

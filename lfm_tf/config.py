@@ -19,7 +19,8 @@ HYPERGRADIENTS = ("exact", "finite_difference", "first_order")
 WEIGHTING_MODES = ("by_id", "positional")
 EVALUATED_LEARNERS = ("w1", "w2")
 WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
-METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm")
+METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
+           "penalty", "lrw_easy", "lrw_random", "lrw_hard", "molere")
 DBL_VALIDATION = ("train_split", "meta")
 
 
@@ -210,7 +211,8 @@ class MethodConfig:
     """Which method trains the classifier, and LFM's own switches.
 
     Attributes:
-      method: `erm`, `focal`, `class_balanced`, `l2rw`, `mwnet` or `lfm`.
+      method: `erm`, `focal`, `class_balanced`, `l2rw`, `mwnet`, `dbl`,
+        `lfm`, `penalty`, `lrw_easy`, `lrw_random`, `lrw_hard` or `molere`.
       hypergradient: `exact`, `finite_difference` or `first_order`.
       encoder: V: `small_cnn`, `resnet18` (separate encoders) or `shared`
         (PS: W1's trunk with separate heads for W1 and W2).
@@ -240,6 +242,35 @@ class MethodConfig:
         so the meta objective cannot lower the validation loss by inflating
         every weight (a larger effective learning rate) and must rank
         examples instead.
+      penalty_inner_steps: the penalty method's T, Adam steps on the
+        classifier (lower level) per step on the example weights.
+      penalty_rho / penalty_lambda / penalty_epsilon: initial rho (penalty
+        on |grad_v g|^2), lambda (the small lambda*g term of the lower
+        update) and epsilon (the gradient-norm test's threshold).
+      penalty_nu: initial value of every entry of the multiplier nu.
+      penalty_rho_growth / penalty_lambda_decay / penalty_epsilon_decay:
+        factors applied to rho, lambda and epsilon when the test
+        |grad_u h|^4 + |grad_v h|^4 < epsilon^2 passes (1.1, 0.9, 0.9).
+      penalty_lr_decay: factor on both Adam learning rates when it passes.
+      penalty_weight_learning_rate: Adam lr of the weight logits u (3).
+      penalty_learner_learning_rate: Adam lr of the classifier v (1e-4).
+      penalty_renormalize: once per epoch, rescale the importances
+        a = (tanh(u)+1)/2 to mean 0.5, as the authors' scripts do.
+      lrw_delta: the validation fraction delta of LRW and MOLERE.
+      lrw_margin_folds: LRW's margins: 1 = in-sample (one ERM model on all
+        training data); K >= 2 = K-fold cross-fitted (each example scored
+        by a model that never saw it).
+      lrw_erm_epochs: epochs of each ERM model of LRW's first phase (None:
+        `epochs`).
+      molere_meta_every: K, classifier steps per meta-net/splitter update.
+      molere_warmup_epochs: epochs on the initial random split before the
+        splitter starts to re-split.
+      molere_splitter_learning_rate: Adam lr of the splitter.
+      molere_splitter_hidden: hidden width of the splitter's MLP.
+      molere_w_gap / molere_w_ratio / molere_w_balance: weights of the
+        Learning-to-Split losses (divided by their sum, as in LS).
+      molere_w_adversarial: weight of the splitter's -(soft validation
+        loss) term (the MOLERE outer level: make the validation set hard).
     """
 
     method: str = "lfm"
@@ -261,9 +292,61 @@ class MethodConfig:
     dbl_mu: float = 0.01
     dbl_validation: str = "train_split"
     weight_normalization: str = "none"
+    penalty_inner_steps: int = 20
+    penalty_rho: float = 1e-2
+    penalty_lambda: float = 1e-2
+    penalty_epsilon: float = 1e-2
+    penalty_nu: float = 1e-4
+    penalty_rho_growth: float = 1.1
+    penalty_lambda_decay: float = 0.9
+    penalty_epsilon_decay: float = 0.9
+    penalty_lr_decay: float = 0.9
+    penalty_weight_learning_rate: float = 3.0
+    penalty_learner_learning_rate: float = 1e-4
+    penalty_renormalize: bool = True
+    lrw_delta: float = 0.1
+    lrw_margin_folds: int = 2
+    lrw_erm_epochs: Optional[int] = None
+    molere_meta_every: int = 5
+    molere_warmup_epochs: int = 0
+    molere_splitter_learning_rate: float = 1e-3
+    molere_splitter_hidden: int = 64
+    molere_w_gap: float = 1.0
+    molere_w_ratio: float = 1.0
+    molere_w_balance: float = 1.0
+    molere_w_adversarial: float = 1.0
 
     def validate(self):
         _check_choice("method", self.method, METHODS)
+        for name in ("penalty_inner_steps", "penalty_rho", "penalty_epsilon",
+                     "penalty_rho_growth", "penalty_weight_learning_rate",
+                     "penalty_learner_learning_rate", "lrw_margin_folds",
+                     "lrw_erm_epochs", "molere_meta_every",
+                     "molere_splitter_learning_rate",
+                     "molere_splitter_hidden"):
+            _check_positive(name, getattr(self, name))
+        for name in ("penalty_lambda", "penalty_nu", "molere_warmup_epochs",
+                     "molere_w_gap", "molere_w_ratio", "molere_w_balance",
+                     "molere_w_adversarial"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        for name in ("penalty_lambda_decay", "penalty_epsilon_decay",
+                     "penalty_lr_decay"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(
+                    f"Received {name}={getattr(self, name)!r}; expected a "
+                    f"factor in (0, 1]. Set --{name}=0.9."
+                )
+        if not 0 < self.lrw_delta < 1:
+            raise ValueError(
+                f"Received lrw_delta={self.lrw_delta!r}; expected the "
+                "validation fraction in (0, 1). Set --lrw_delta=0.1."
+            )
+        if self.molere_w_gap + self.molere_w_ratio + self.molere_w_balance <= 0:
+            raise ValueError(
+                "Received molere_w_gap + molere_w_ratio + molere_w_balance = 0;"
+                " expected a positive sum (they are divided by it). Set "
+                "--molere_w_gap=1."
+            )
         _check_choice("weight_normalization", self.weight_normalization,
                       WEIGHT_NORMALIZATIONS)
         _check_choice("dbl_validation", self.dbl_validation, DBL_VALIDATION)

@@ -42,6 +42,17 @@ DEFAULT_SPACES = {
         "weight_normalization=choice:none,batch_mean",
     ),
     "dbl": _COMMON + ("dbl_mu=float:1e-3:1e-1:log",),
+    "penalty": (
+        "penalty_learner_learning_rate=float:1e-5:1e-3:log",
+        "penalty_weight_learning_rate=float:0.3:10:log",
+    ),
+    "lrw_easy": _COMMON + ("lrw_delta=float:0.05:0.3",),
+    "lrw_random": _COMMON + ("lrw_delta=float:0.05:0.3",),
+    "lrw_hard": _COMMON + ("lrw_delta=float:0.05:0.3",),
+    "molere": _COMMON + (
+        "lrw_delta=float:0.05:0.3",
+        "molere_splitter_learning_rate=float:1e-4:1e-2:log",
+    ),
     "lfm": _COMMON + (
         "w2_learning_rate=float:0.01:0.3:log",
         "example_weight_learning_rate=float:1e-3:1e-1:log",

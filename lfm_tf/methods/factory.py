@@ -13,6 +13,7 @@ from lfm_tf.methods import base
 from lfm_tf.methods import deep_bilevel
 from lfm_tf.methods import erm
 from lfm_tf.methods import lfm
+from lfm_tf.methods import penalty
 from lfm_tf.methods import reweighting_baselines
 from lfm_tf.models import backbones
 from lfm_tf.models import encoders
@@ -138,6 +139,16 @@ def _build_dbl(config, facts):
     )
 
 
+def _build_penalty(config, facts):
+    return penalty.Penalty(
+        **_common(config, facts),
+        num_train=facts.num_train,
+        config=config.method,
+        weight_decay=config.optimizer.weight_decay,
+        steps_per_epoch=config.train.steps_per_epoch or facts.steps_per_epoch,
+    )
+
+
 def _build_lfm(config, facts):
     common = _common(config, facts)
     w1 = common["classifier"]
@@ -180,4 +191,5 @@ _BUILDERS = {
     "mwnet": _build_mwnet,
     "dbl": _build_dbl,
     "lfm": _build_lfm,
+    "penalty": _build_penalty,
 }

@@ -121,6 +121,27 @@ class ReweightingWorksTest(tf.test.TestCase):
                            history["weight_corrupted"][-1] + 0.05)
 
 
+class RelatedMethodsSmokeTest(tf.test.TestCase, parameterized.TestCase):
+    """configs/smoke/train_<method>.flags through `python -m pipelines.train`."""
+
+    @parameterized.parameters(("penalty",))
+    def test_smoke_flagfile_runs_end_to_end(self, method):
+        workdir = self.get_temp_dir()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines.train",
+             f"--flagfile=configs/smoke/train_{method}.flags",
+             "--steps_per_epoch=1", f"--workdir={workdir}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            check=False)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        with open(os.path.join(workdir, "config.json")) as f:
+            self.assertEqual(json.load(f)["method"]["method"], method)
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            self.assertBetween(json.load(f)["test_accuracy"], 0.0, 1.0)
+        self.assertTrue(os.path.exists(
+            os.path.join(workdir, "saved_model", "saved_model.pb")))
+
+
 class CommandLineTest(tf.test.TestCase):
 
     def _run(self, *args):

@@ -1,0 +1,391 @@
+"""The penalty method (Mehra & Hamm, ACML 2021) for data reweighting.
+
+Bilevel problem: min_u f(u, v*) s.t. v* = argmin_v g(u, v). The lower problem
+is replaced by its stationarity condition, penalised in an augmented
+Lagrangian (research/seed_systems.md §3.1):
+
+    h_upper(u, v) = f + <nu, grad_v g> + rho/2 |grad_v g|^2     (u descends)
+    h_lower(u, v) = h_upper + lambda * g                       (v descends)
+
+No Hessian inverse and no unroll: grad_v h_lower and grad_u h_upper contain
+one Hessian-vector product of g each, taken by nesting `tf.GradientTape`s.
+At a v-stationary point (lambda = 0), nu + rho grad_v g = -H^-1 grad_v f, so
+grad_u h_upper tends to the implicit-function hypergradient as rho grows.
+
+Data-reweighting instance (§3.3): u is one logit per training example,
+importance a_i = (tanh(u_i) + 1) / 2; v is the classifier;
+g = sum_i a_i l_i / sum_i a_i (+ weight decay, below) on the training batch;
+f = mean CE on the clean meta batch (so grad_u f = 0).
+
+Per step (§3.2): T Adam steps on v, one Adam step on u, then the gradient-norm
+test |grad_u h_upper|^4 + |grad_v h_lower|^4 < eps^2 (fourth powers, as the
+authors' code); when it passes rho *= 1.1, lambda *= 0.9, eps *= 0.9,
+nu += rho grad_v g and both learning rates *= 0.9.
+
+Choices where the paper/code is silent or that we changed (README "penalty"):
+* Adam moments of u are kept per *example* (rows of [N] tables updated only
+  where the batch touches them); the authors' moments are per batch slot.
+* g includes the engine's `--weight_decay` as (wd/2)|v|^2, the same L2 the
+  other methods' SGD applies; the authors' g has none.
+* No validation-set pretraining and no agreement initialisation of a (their
+  scripts' 100-200 epochs on the meta set, then a = 0.8/0.2): u starts at 0
+  (a = 0.5), the mean the per-epoch renormalisation keeps.
+* The penalty state (rho, lambda, eps, nu, learning rates) lives in model
+  variables, so checkpoints hold all of it.
+"""
+
+from typing import Callable, List, NamedTuple, Sequence
+
+import keras
+import tensorflow as tf
+
+from lfm_tf.methods import base
+from lfm_tf.methods import learners
+
+# Keeps atanh finite after renormalisation (the authors' clip).
+_CLIP = 1e-5
+
+
+def squash(logits):
+    """Importance a = (tanh(u) + 1) / 2 in (0, 1), any shape."""
+    return 0.5 * (tf.tanh(logits) + 1.0)
+
+
+def renormalize_logits(logits, target_mean=0.5):
+    """u such that a = squash(u) is rescaled to mean `target_mean`.
+
+    a <- target_mean * a / mean(a), clipped to [1e-5, 1 - 1e-5], then
+    u = atanh(2a - 1) (the authors' per-epoch renormalisation).
+
+    Args:
+      logits: float [N], u.
+
+    Returns:
+      float [N].
+    """
+    weights = squash(logits)
+    weights = target_mean * weights / tf.reduce_mean(weights)
+    weights = tf.clip_by_value(weights, _CLIP, 1.0 - _CLIP)
+    return tf.atanh(2.0 * weights - 1.0)
+
+
+def penalty_objectives(upper_loss, lower_loss, lower_grads, multipliers,
+                       rho, lam):
+    """(h_upper, h_lower) from f, g, grad_v g and nu.
+
+    Args:
+      upper_loss: scalar f(u, v).
+      lower_loss: scalar g(u, v).
+      lower_grads: list of tensors grad_v g, shaped like v.
+      multipliers: list of tensors nu, shaped like v.
+      rho: penalty coefficient.
+      lam: coefficient of the lower level's lambda * g term.
+
+    Returns:
+      (h_upper, h_lower) scalars.
+    """
+    inner = tf.add_n([tf.reduce_sum(n * d)
+                      for n, d in zip(multipliers, lower_grads)])
+    squared = tf.add_n([tf.reduce_sum(tf.square(d)) for d in lower_grads])
+    h_upper = upper_loss + inner + 0.5 * rho * squared
+    return h_upper, h_upper + lam * lower_loss
+
+
+class PenaltyGradients(NamedTuple):
+    """Everything one evaluation of the penalty objectives gives.
+
+    Attributes:
+      h_upper, h_lower: scalars.
+      upper_loss, lower_loss: f and g.
+      grad_u: d h_upper / d u, shaped like u.
+      grad_v: d h_lower / d v, list shaped like v.
+      lower_grads: grad_v g, list shaped like v (nu's update direction).
+      aux: whatever `lower_fn` returned second.
+    """
+
+    h_upper: tf.Tensor
+    h_lower: tf.Tensor
+    upper_loss: tf.Tensor
+    lower_loss: tf.Tensor
+    grad_u: tf.Tensor
+    grad_v: List[tf.Tensor]
+    lower_grads: List[tf.Tensor]
+    aux: object
+
+
+def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
+                      v: Sequence[tf.Tensor], multipliers, rho, lam):
+    """Both descent directions of the penalty method, by nested tapes.
+
+    The inner tape gives grad_v g; the outer tape differentiates the
+    objectives built from it, which is where the Hessian-vector products
+    H_vv (nu + rho grad_v g) and H_uv (nu + rho grad_v g) come from.
+
+    Args:
+      upper_fn: (u, v) -> scalar f.
+      lower_fn: (u, v) -> (scalar g, aux).
+      u: tensor, the upper variable.
+      v: list of tensors, the lower variable.
+      multipliers: nu, list shaped like v.
+      rho, lam: scalars.
+
+    Returns:
+      `PenaltyGradients`.
+    """
+    v = list(v)
+    zero = tf.UnconnectedGradients.ZERO
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(u)
+        outer.watch(v)
+        with tf.GradientTape() as inner:
+            inner.watch(v)
+            lower_loss, aux = lower_fn(u, v)
+        # Not stopped: the outer tape must see grad_v g as a function of u, v.
+        lower_grads = inner.gradient(lower_loss, v, unconnected_gradients=zero)
+        upper_loss = upper_fn(u, v)
+        h_upper, h_lower = penalty_objectives(
+            upper_loss, lower_loss, lower_grads, multipliers, rho, lam)
+    grad_v = outer.gradient(h_lower, v, unconnected_gradients=zero)
+    grad_u = outer.gradient(h_upper, u, unconnected_gradients=zero)
+    del outer
+    return PenaltyGradients(h_upper, h_lower, upper_loss, lower_loss, grad_u,
+                            grad_v, lower_grads, aux)
+
+
+def adam_step(param, grad, first, second, count, learning_rate,
+              beta_1=0.9, beta_2=0.999, epsilon=1e-8):
+    """One bias-corrected Adam step; elementwise, so it also serves rows.
+
+    Args:
+      param, grad, first, second: tensors of one shape (the moments m, s).
+      count: the number of steps already taken, broadcastable to `param`
+        (per row for the example-weight table).
+      learning_rate: scalar.
+
+    Returns:
+      (new_param, new_first, new_second, new_count).
+    """
+    count = count + 1
+    first = beta_1 * first + (1.0 - beta_1) * grad
+    second = beta_2 * second + (1.0 - beta_2) * tf.square(grad)
+    corrected_first = first / (1.0 - tf.pow(beta_1, count))
+    corrected_second = second / (1.0 - tf.pow(beta_2, count))
+    step = learning_rate * corrected_first / (
+        tf.sqrt(corrected_second) + epsilon)
+    return param - step, first, second, count
+
+
+class Schedule(NamedTuple):
+    """The penalty state that the gradient-norm test changes (scalars)."""
+
+    rho: tf.Tensor
+    lam: tf.Tensor
+    epsilon: tf.Tensor
+    weight_learning_rate: tf.Tensor
+    learner_learning_rate: tf.Tensor
+
+
+def converged(upper_grad_norm_sq, lower_grad_norm_sq, epsilon):
+    """The authors' test: G_u^2 + G_v^2 < eps^2 with G already squared."""
+    return tf.square(upper_grad_norm_sq) + tf.square(lower_grad_norm_sq) < (
+        tf.square(epsilon))
+
+
+def schedule_update(schedule: Schedule, passed, rho_growth, lambda_decay,
+                    epsilon_decay, lr_decay) -> Schedule:
+    """rho, lambda, eps and both learning rates after one test.
+
+    Args:
+      schedule: the current `Schedule`.
+      passed: bool scalar, `converged(...)`.
+      rho_growth, lambda_decay, epsilon_decay, lr_decay: factors.
+
+    Returns:
+      The new `Schedule` (unchanged where the test failed).
+    """
+    factors = Schedule(rho_growth, lambda_decay, epsilon_decay, lr_decay,
+                       lr_decay)
+    return Schedule(*[
+        tf.where(passed, value * factor, value)
+        for value, factor in zip(schedule, factors)
+    ])
+
+
+class Penalty(base.MethodModel):
+    """The penalty method as a Keras model; `call` is the classifier v.
+
+    Args:
+      num_train: N, the length of the weight-logit table u.
+      config: `MethodConfig` (the `penalty_*` fields).
+      weight_decay: the L2 coefficient inside g.
+      steps_per_epoch: when to renormalise u (once per epoch).
+      **kwargs: `MethodModel` arguments.
+    """
+
+    METRIC_NAMES = ("loss", "val_loss", "rho", "constraint_norm",
+                    "weight_mean", "weight_clean", "weight_corrupted")
+
+    def __init__(self, *args, num_train, config, weight_decay=0.0,
+                 steps_per_epoch=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = config
+        self.weight_decay = float(weight_decay)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.learner = learners.Learner(self.classifier.trunk,
+                                        self.classifier.head)
+        variables = self.learner.variables
+
+        def table(name, value=0.0, dtype=None, shape=(int(num_train),)):
+            return self.add_weight(
+                shape=shape, initializer=keras.initializers.Constant(value),
+                dtype=dtype, trainable=False, name=name)
+
+        # u: one logit per training example (example_weight_ in DESIGN §4).
+        self.example_weight_logits = table("example_weight_logits")
+        self.weight_first = table("example_weight_adam_m")
+        self.weight_second = table("example_weight_adam_v")
+        self.weight_count = table("example_weight_adam_t")
+        self.multipliers = [
+            table(f"nu_{i}", config.penalty_nu, v.dtype, v.shape)
+            for i, v in enumerate(variables)]
+        self.learner_first = [table(f"adam_m_{i}", 0.0, v.dtype, v.shape)
+                              for i, v in enumerate(variables)]
+        self.learner_second = [table(f"adam_v_{i}", 0.0, v.dtype, v.shape)
+                               for i, v in enumerate(variables)]
+        self.learner_count = table("adam_t", shape=())
+        self.schedule_variables = Schedule(
+            table("rho", config.penalty_rho, shape=()),
+            table("lambda", config.penalty_lambda, shape=()),
+            table("epsilon", config.penalty_epsilon, shape=()),
+            table("weight_learning_rate",
+                  config.penalty_weight_learning_rate, shape=()),
+            table("learner_learning_rate",
+                  config.penalty_learner_learning_rate, shape=()),
+        )
+
+    def example_weights(self, index):
+        """a_i of the examples `index` (int [B]) -> float [B]."""
+        return squash(tf.gather(self.example_weight_logits, index))
+
+    def objectives(self, train, meta):
+        """(upper_fn, lower_fn) for one training and one meta batch."""
+
+        def lower(u, v):
+            losses, out = self.learner.losses(v, train["image"],
+                                              train["label"])
+            a = squash(tf.cast(u, losses.dtype))
+            loss = tf.reduce_sum(a * losses) / tf.reduce_sum(a)
+            if self.weight_decay:
+                loss += 0.5 * self.weight_decay * tf.add_n(
+                    [tf.reduce_sum(tf.square(p)) for p in v])
+            return loss, out
+
+        def upper(u, v):
+            del u  # grad_u f = 0: f is the meta loss of v alone.
+            losses, _ = self.learner.losses(v, meta["image"], meta["label"])
+            return tf.reduce_mean(losses)
+
+        return upper, lower
+
+    def penalty_terms(self, train, meta, u):
+        """`penalty_gradients` at the current v and the rows `u` of u."""
+        upper, lower = self.objectives(train, meta)
+        schedule = self.schedule_variables
+        return penalty_gradients(
+            upper, lower, u, self.learner.current(),
+            [tf.convert_to_tensor(n) for n in self.multipliers],
+            tf.convert_to_tensor(schedule.rho),
+            tf.convert_to_tensor(schedule.lam))
+
+    def learner_step(self, grads):
+        """One Adam step on v from grad_v h_lower."""
+        count = self.learner_count + 1.0
+        lr = self.schedule_variables.learner_learning_rate
+        for variable, grad, first, second in zip(
+                self.learner.variables, grads, self.learner_first,
+                self.learner_second):
+            new, new_first, new_second, _ = adam_step(
+                variable, grad, first, second, self.learner_count, lr)
+            variable.assign(new)
+            first.assign(new_first)
+            second.assign(new_second)
+        self.learner_count.assign(count)
+
+    def weight_step(self, index, grad):
+        """One Adam step on the rows `index` of u (per-example moments)."""
+        rows = index[:, None]
+        new, first, second, count = adam_step(
+            tf.gather(self.example_weight_logits, index), grad,
+            tf.gather(self.weight_first, index),
+            tf.gather(self.weight_second, index),
+            tf.gather(self.weight_count, index),
+            self.schedule_variables.weight_learning_rate)
+        for table, value in ((self.example_weight_logits, new),
+                             (self.weight_first, first),
+                             (self.weight_second, second),
+                             (self.weight_count, count)):
+            table.assign(tf.tensor_scatter_nd_update(table, rows, value))
+
+    def train_step(self, data):
+        train, meta = data["train"], data["meta"]
+        index = tf.cast(train["index"], tf.int32)
+        u = tf.gather(self.example_weight_logits, index)
+
+        def inner_step(i):
+            self.learner_step(self.penalty_terms(train, meta, u).grad_v)
+            return (i + 1,)
+
+        # A graph loop: T copies of a double-backprop graph would make
+        # tracing T times slower.
+        tf.while_loop(lambda i: i < self.config.penalty_inner_steps,
+                      inner_step, (tf.constant(0),))
+        result = self.penalty_terms(train, meta, u)
+        # BN statistics: one update per step, from the last lower forward.
+        self.learner.assign_states(result.aux.states)
+        self.weight_step(index, result.grad_u)
+        u = tf.gather(self.example_weight_logits, index)
+        result = self.penalty_terms(train, meta, u)
+        self.update_schedule(result)
+        self._renormalize_at_epoch_end()
+        weights = squash(u)
+        corrupted = tf.cast(
+            tf.not_equal(train["label"], train["clean_label"]), weights.dtype)
+        self._trackers["weight_clean"].update_state(
+            weights, sample_weight=1.0 - corrupted)
+        self._trackers["weight_corrupted"].update_state(
+            weights, sample_weight=corrupted)
+        return self.finish_step(
+            train["label"], result.aux.logits, loss=result.lower_loss,
+            val_loss=result.upper_loss, rho=self.schedule_variables.rho,
+            constraint_norm=tf.sqrt(_squared_norm(result.lower_grads)),
+            weight_mean=tf.reduce_mean(weights))
+
+    def update_schedule(self, result):
+        """The gradient-norm test and, when it passes, nu's update."""
+        schedule = Schedule(*[tf.convert_to_tensor(v)
+                              for v in self.schedule_variables])
+        passed = converged(_squared_norm([result.grad_u]),
+                           _squared_norm(result.grad_v),
+                           tf.cast(schedule.epsilon, result.grad_u.dtype))
+        config = self.config
+        new = schedule_update(
+            schedule, passed, config.penalty_rho_growth,
+            config.penalty_lambda_decay, config.penalty_epsilon_decay,
+            config.penalty_lr_decay)
+        for variable, value in zip(self.schedule_variables, new):
+            variable.assign(value)
+        # nu += rho_new grad_v g on the current batch (the authors' order).
+        for nu, grad in zip(self.multipliers, result.lower_grads):
+            nu.assign(tf.where(passed, nu + new.rho * grad, nu))
+
+    def _renormalize_at_epoch_end(self):
+        if not self.config.penalty_renormalize:
+            return
+        at_end = tf.equal((self.step_counter + 1) % self.steps_per_epoch, 0)
+        logits = self.example_weight_logits
+        logits.assign(tf.cond(at_end, lambda: renormalize_logits(logits),
+                              lambda: tf.convert_to_tensor(logits)))
+
+
+def _squared_norm(tensors):
+    return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors])

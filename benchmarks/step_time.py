@@ -45,6 +45,8 @@ _ROWS = {
     "dbl": dict(method="dbl"),
     "penalty": dict(method="penalty"),
     "penalty_t5": dict(method="penalty", penalty_inner_steps=5),
+    # LRW's second phase (its per-step cost); the first phase is ERM.
+    "lrw_hard": dict(method="lrw_hard"),
     "lfm_exact": dict(method="lfm", hypergradient="exact"),
     "lfm_finite_difference": dict(method="lfm",
                                   hypergradient="finite_difference"),

@@ -30,6 +30,7 @@ from lfm_tf.data import pipeline
 from lfm_tf.data import sources
 from lfm_tf.data import splits as splits_lib
 from lfm_tf.methods import factory
+from lfm_tf.methods import lrw
 from lfm_tf.models import backbones
 
 
@@ -111,6 +112,9 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
 
     data = prepare_data(config, arrays)
     data["splits"].save(os.path.join(workdir, "splits.npz"))
+    if config.method.method in lrw.SELECTIONS:
+        # LRW's first phase: ERM, margins, a new train/validation split.
+        data = lrw.resplit(config, data, workdir)
     model = factory.compile_method(
         factory.build_method(config, data["facts"]), config
     )

@@ -192,4 +192,9 @@ _BUILDERS = {
     "dbl": _build_dbl,
     "lfm": _build_lfm,
     "penalty": _build_penalty,
+    # LRW's second phase is Meta-Weight-Net on the re-split data
+    # (lrw.resplit runs first, from train_lib).
+    "lrw_easy": _build_mwnet,
+    "lrw_random": _build_mwnet,
+    "lrw_hard": _build_mwnet,
 }

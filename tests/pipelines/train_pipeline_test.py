@@ -124,7 +124,7 @@ class ReweightingWorksTest(tf.test.TestCase):
 class RelatedMethodsSmokeTest(tf.test.TestCase, parameterized.TestCase):
     """configs/smoke/train_<method>.flags through `python -m pipelines.train`."""
 
-    @parameterized.parameters(("penalty",))
+    @parameterized.parameters("penalty", "lrw_easy", "lrw_random", "lrw_hard")
     def test_smoke_flagfile_runs_end_to_end(self, method):
         workdir = self.get_temp_dir()
         result = subprocess.run(
@@ -140,6 +140,9 @@ class RelatedMethodsSmokeTest(tf.test.TestCase, parameterized.TestCase):
             self.assertBetween(json.load(f)["test_accuracy"], 0.0, 1.0)
         self.assertTrue(os.path.exists(
             os.path.join(workdir, "saved_model", "saved_model.pb")))
+        if method.startswith("lrw_"):
+            self.assertTrue(os.path.exists(
+                os.path.join(workdir, "lrw_split.npz")))
 
 
 class CommandLineTest(tf.test.TestCase):

@@ -47,6 +47,8 @@ _ROWS = {
     "penalty_t5": dict(method="penalty", penalty_inner_steps=5),
     # LRW's second phase (its per-step cost); the first phase is ERM.
     "lrw_hard": dict(method="lrw_hard"),
+    # Every step a meta-net and splitter step (K = 1): the worst case.
+    "molere": dict(method="molere", molere_meta_every=1),
     "lfm_exact": dict(method="lfm", hypergradient="exact"),
     "lfm_finite_difference": dict(method="lfm",
                                   hypergradient="finite_difference"),

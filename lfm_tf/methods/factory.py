@@ -13,6 +13,7 @@ from lfm_tf.methods import base
 from lfm_tf.methods import deep_bilevel
 from lfm_tf.methods import erm
 from lfm_tf.methods import lfm
+from lfm_tf.methods import molere
 from lfm_tf.methods import penalty
 from lfm_tf.methods import reweighting_baselines
 from lfm_tf.models import backbones
@@ -149,6 +150,29 @@ def _build_penalty(config, facts):
     )
 
 
+def _build_molere(config, facts):
+    common = _common(config, facts)
+    # The trunk's feature width D is the head's input width.
+    feature_dim = int(common["classifier"].head.kernel.shape[0])
+    return molere.Molere(
+        **common,
+        meta_net=molere.build_feature_meta_net(
+            feature_dim, config.method.meta_net_hidden),
+        splitter=molere.build_splitter(
+            feature_dim, facts.num_classes,
+            config.method.molere_splitter_hidden),
+        meta_optimizer=keras.optimizers.Adam(
+            config.optimizer.meta_net_learning_rate, name="meta_net_optimizer"),
+        splitter_optimizer=keras.optimizers.Adam(
+            config.method.molere_splitter_learning_rate,
+            name="splitter_optimizer"),
+        num_train=facts.num_train,
+        config=config.method,
+        steps_per_epoch=config.train.steps_per_epoch or facts.steps_per_epoch,
+        seed=config.data.seed,
+    )
+
+
 def _build_lfm(config, facts):
     common = _common(config, facts)
     w1 = common["classifier"]
@@ -197,4 +221,5 @@ _BUILDERS = {
     "lrw_easy": _build_mwnet,
     "lrw_random": _build_mwnet,
     "lrw_hard": _build_mwnet,
+    "molere": _build_molere,
 }

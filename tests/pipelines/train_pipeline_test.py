@@ -124,7 +124,8 @@ class ReweightingWorksTest(tf.test.TestCase):
 class RelatedMethodsSmokeTest(tf.test.TestCase, parameterized.TestCase):
     """configs/smoke/train_<method>.flags through `python -m pipelines.train`."""
 
-    @parameterized.parameters("penalty", "lrw_easy", "lrw_random", "lrw_hard")
+    @parameterized.parameters("penalty", "lrw_easy", "lrw_random", "lrw_hard",
+                              "molere")
     def test_smoke_flagfile_runs_end_to_end(self, method):
         workdir = self.get_temp_dir()
         result = subprocess.run(

@@ -22,6 +22,7 @@ WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
 METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
            "penalty", "lrw_easy", "lrw_random", "lrw_hard", "molere")
 DBL_VALIDATION = ("train_split", "meta")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def _check_choice(name, value, choices):
@@ -385,6 +386,15 @@ class TrainConfig:
         and no float64 MaxPoolGradGrad).
       run_eagerly: debug switch.
       deterministic: enable TF op determinism (with `seed`).
+      checkpoint_every_steps: write a whole-state checkpoint (README "Scale
+        and resume") every this many steps, besides the one at every epoch
+        end; None: epoch ends only. A run finds the newest in
+        `<workdir>/backup` and continues from it.
+      checkpoints_to_keep: how many of the newest checkpoints are kept.
+      strategy: tf.distribute strategy: `default` (none), `one_device`,
+        `mirrored` (all local GPUs), `multi_worker` (cluster from
+        `TF_CONFIG`) or `tpu`.
+      tpu: TPU name or address for `strategy=tpu` (None: the local TPU).
     """
 
     epochs: int = 1
@@ -392,10 +402,22 @@ class TrainConfig:
     jit_compile: bool = False
     run_eagerly: bool = False
     deterministic: bool = False
+    checkpoint_every_steps: Optional[int] = None
+    checkpoints_to_keep: int = 2
+    strategy: str = "default"
+    tpu: Optional[str] = None
 
     def validate(self):
         _check_positive("epochs", self.epochs)
         _check_positive("steps_per_epoch", self.steps_per_epoch)
+        _check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        _check_positive("checkpoints_to_keep", self.checkpoints_to_keep)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        if self.tpu is not None and self.strategy != "tpu":
+            raise ValueError(
+                f"Received tpu={self.tpu!r} with strategy={self.strategy!r}; "
+                "expected --strategy=tpu with --tpu. Set --strategy=tpu."
+            )
         return self
 
 

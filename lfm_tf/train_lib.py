@@ -6,6 +6,7 @@ The run's artefacts land in `workdir`:
     splits.npz           the exact meta/train/test split and label noise
     logs/                TensorBoard
     checkpoints/         best-on-validation weights of the method
+    backup/              whole-state checkpoints; a rerun resumes from them
     metrics.json         validation and (once) test metrics, diagnostics
     classifier.weights.h5, export_info.json, saved_model/
                          the evaluated classifier, ready for serving
@@ -16,6 +17,7 @@ read once, after training.
 
 import json
 import os
+import types
 from typing import Optional
 
 import keras
@@ -24,6 +26,8 @@ import tensorflow as tf
 from absl import logging
 
 from lfm_tf import callbacks as callbacks_lib
+from lfm_tf import checkpointing
+from lfm_tf import distribute
 from lfm_tf import export
 from lfm_tf import fileio
 from lfm_tf.data import pipeline
@@ -104,10 +108,20 @@ def _test_set(source, splits):
 def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
     """Runs one experiment end to end and returns its metrics dict."""
     config.validate()
+    # First: multi-worker collectives must be configured before TF runs ops.
+    strategy = distribute.make_strategy(config.train.strategy,
+                                        config.train.tpu)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.data.seed)
     os.makedirs(workdir, exist_ok=True)
+    manager = checkpointing.Manager(
+        os.path.join(workdir, "backup"), config.train.checkpoints_to_keep,
+        is_chief=distribute.is_chief(strategy),
+        worker_id=distribute.worker_id(strategy),
+    )
+    resume = manager.latest_state()
+    _check_resumable(config, workdir, resume)
     fileio.write_text(os.path.join(workdir, "config.json"), config.to_json())
 
     data = prepare_data(config, arrays)
@@ -115,28 +129,42 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
     if config.method.method in lrw.SELECTIONS:
         # LRW's first phase: ERM, margins, a new train/validation split.
         data = lrw.resplit(config, data, workdir)
-    model = factory.compile_method(
-        factory.build_method(config, data["facts"]), config
-    )
+    with strategy.scope():
+        model = factory.compile_method(
+            factory.build_method(config, data["facts"]), config
+        )
     checkpoint = os.path.join(workdir, "checkpoints", "best.weights.h5")
     os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-    history = model.fit(
-        data["train"],
-        epochs=config.train.epochs,
-        steps_per_epoch=config.train.steps_per_epoch,
-        validation_data=data["validation"],
-        callbacks=[
-            keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
-            keras.callbacks.ModelCheckpoint(
-                checkpoint, monitor="val_accuracy", mode="max",
-                save_best_only=True, save_weights_only=True,
-            ),
-            *callbacks_lib.weight_diagnostics(model, data["splits"]),
-            *extra_callbacks,
-        ],
-        verbose=2,
-        shuffle=False,  # The pipeline shuffles, seeded.
+    selection = keras.callbacks.ModelCheckpoint(
+        checkpoint, monitor="val_accuracy", mode="max",
+        save_best_only=True, save_weights_only=True,
     )
+    steps = config.train.steps_per_epoch or data["facts"].steps_per_epoch
+    backup = checkpointing.BackupAndRestore(
+        manager, steps, config.train.checkpoint_every_steps, resume,
+        selection,
+    )
+    callbacks = [
+        keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
+        selection,
+        *callbacks_lib.weight_diagnostics(model, data["splits"]),
+        *extra_callbacks,
+        backup,  # Last: its epoch-end checkpoint records the selection.
+    ]
+    for initial_epoch, epochs, epoch_steps in _phases(
+            backup.global_step, steps, config.train.epochs):
+        model.fit(
+            checkpointing.resumable_stream(
+                lambda: _train_dataset(config, data), backup.global_step),
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            steps_per_epoch=epoch_steps,
+            validation_data=data["validation"],
+            callbacks=callbacks,
+            verbose=2,
+            shuffle=False,  # The pipeline shuffles, seeded.
+        )
+    history = types.SimpleNamespace(history=backup.history)
     model.load_weights(checkpoint)
     metrics = _final_metrics(model, data, history)
     fileio.write_text(
@@ -150,6 +178,51 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         metrics["best_val_accuracy"], workdir,
     )
     return metrics
+
+
+def _train_dataset(config, data):
+    """A fresh, identically seeded copy of `data["train"]`."""
+    return pipeline.make_train_dataset(
+        data["source"], data["splits"], config.data, data["preprocessing"])
+
+
+def _phases(global_step, steps, epochs):
+    """[(initial_epoch, epochs, steps_per_epoch)] of the `fit` calls left.
+
+    A run resumed mid-epoch first finishes that epoch (its remaining steps),
+    then runs whole epochs; a fresh run is one call.
+    """
+    epoch, offset = divmod(global_step, steps)
+    phases = []
+    if offset and epoch < epochs:
+        phases.append((epoch, epoch + 1, steps - offset))
+        epoch += 1
+    if epoch < epochs:
+        phases.append((epoch, epochs, steps))
+    return phases
+
+
+def _check_resumable(config, workdir, resume):
+    """A checkpoint is only resumed by the configuration that wrote it."""
+    path = os.path.join(workdir, "config.json")
+    if resume is None or not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(config.to_json())
+    # How the run is executed may change between tries; what it computes
+    # may not.
+    for key in ("strategy", "tpu", "checkpoint_every_steps",
+                "checkpoints_to_keep", "run_eagerly"):
+        previous.get("train", {}).pop(key, None)
+        current["train"].pop(key, None)
+    if previous != current:
+        raise ValueError(
+            f"Received a configuration that differs from the one in {path}, "
+            f"whose checkpoint {resume['path']} would be resumed; expected "
+            "the same command. Use a new --workdir, or delete "
+            f"{os.path.dirname(resume['path'])} to start over."
+        )
 
 
 def _final_metrics(model, data, history):

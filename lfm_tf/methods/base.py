@@ -9,6 +9,7 @@ is evaluated, selected on validation and exported.
 import keras
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import learners
 from lfm_tf.optimization import unroll
 from lfm_tf.reweighting import mistake_weighting
@@ -72,14 +73,21 @@ class MethodModel(keras.Model):
 
     def sgd_update(self, sgd, variables, loss, tape):
         """Applies one functional SGD step on `variables` from `loss`."""
-        grads = tape.gradient(loss, variables)
+        grads = distribute.replica_mean(tape.gradient(loss, variables))
         new_params, new_momenta = sgd.unroll(
             variables, grads, self.step_counter
         )
         sgd.assign(variables, new_params, new_momenta)
 
+    def state_variables(self):
+        """Variables forward passes update (BatchNorm moving statistics)."""
+        return list(self.classifier.non_trainable_variables)
+
     def finish_step(self, labels, logits, **values):
         """Advances the step counter and reports `values` as metrics."""
+        # Each replica updated the moving statistics from its own slice;
+        # averaging keeps the mirrored copies equal (README, BatchNorm).
+        distribute.assign_replica_mean(self.state_variables())
         self.step_counter.assign_add(1)
         self.accuracy_tracker.update_state(labels, logits)
         for name, value in values.items():

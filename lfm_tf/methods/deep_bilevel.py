@@ -15,6 +15,7 @@ on all S splits. BatchNorm statistics are per split, as in the reference
 
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 
@@ -93,8 +94,10 @@ class DeepBilevel(base.MethodModel):
                                                 split_grads)])
             for i in range(len(params))
         ]
+        # Per-replica splits (README: DBL under tf.distribute); the mean
+        # keeps the replicas' weights equal.
         new_params, new_momenta = self.sgd.unroll(
-            params, direction, self.step_counter)
+            params, distribute.replica_mean(direction), self.step_counter)
         self.sgd.assign(self.learner.variables, new_params, new_momenta)
         # One moving-average update per step, from the last split.
         self.learner.assign_states(results[-1][2].states)

@@ -18,6 +18,7 @@ from typing import List, NamedTuple
 import keras
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 from lfm_tf.optimization import hypergradients
@@ -82,6 +83,11 @@ class LFM(base.MethodModel):
         self.weighting_table = example_weights.WeightTable(
             num_weighting, 1.0, name="weighting_table"
         )
+        # Their weights exist from construction. Marked built so that Keras
+        # under a tf.distribute strategy does not trace a symbolic build
+        # (which would draw a batch from the data stream).
+        self.example_weight_table.built = True
+        self.weighting_table.built = True
         clip = optimizer_config.grad_clip_norm
         # Adam, not the authors' SGD: dL/dB carries eta1*eta2/n^2, so its
         # scale depends on the learning rates and batch size; Adam's steps
@@ -111,7 +117,9 @@ class LFM(base.MethodModel):
         return self.classifier(images, training=training)
 
     def train_step(self, data):
-        train, meta = data["train"], data["meta"]
+        # The whole meta batch on every replica: softmax over validation
+        # examples, u and r as on one device.
+        train, meta = data["train"], distribute.gather_batch(data["meta"])
         w1_step, a, w2_step, val_loss, grads = self.hypergradients(train, meta)
         self.apply_hypergradients(grads)
         self.commit(w1_step, w2_step)
@@ -127,7 +135,9 @@ class LFM(base.MethodModel):
         if self.config.hypergradient == "exact":
             with tf.GradientTape() as tape:
                 stages = self.run_stages(train, meta)
-            grads = tape.gradient(stages[-1], self.hyper_variables())
+            grads = distribute.scale_gradients(
+                tape.gradient(stages[-1], self.hyper_variables())
+            )
         else:
             *stages, grads = self.chained_step(train, meta)
         # Dense, zero where a variable has no path (e.g. V without x).
@@ -213,6 +223,13 @@ class LFM(base.MethodModel):
         losses, _ = self.w2.losses(w2_params, meta["image"], meta["label"])
         return tf.reduce_mean(losses)
 
+    def state_variables(self):
+        """BatchNorm statistics of W1, W2 and V."""
+        encoder = [] if self.encoder is None else (
+            self.encoder.non_trainable_variables)
+        return _unique(self.w1.state_variables + self.w2.state_variables
+                       + list(encoder))
+
     def hyper_variables(self):
         """[B, r, *V]: what stage 3 updates."""
         encoder_vars = (
@@ -244,7 +261,9 @@ class LFM(base.MethodModel):
         with tf.GradientTape() as val_tape:
             val_tape.watch(w2_watched)
             val_loss = self.validate(meta, w2_step.params)
-        v2 = val_tape.gradient(val_loss, w2_watched)
+        v2 = distribute.scale_gradients(
+            val_tape.gradient(val_loss, w2_watched)
+        )
         d_a = hypergradients.weight_hypergradient(
             self._mixed_term(self.w2, self.w2_start(w1_step.params), w2_step,
                              train, v2, head_only),
@@ -257,7 +276,10 @@ class LFM(base.MethodModel):
         )
         r_grad = grads[0]
         encoder_grads = grads[1:1 + len(encoder_vars)]
-        v1 = self._add_shared(grads[1 + len(encoder_vars):], v2, head_only)
+        # dL/dW1' summed over replicas' a, per replica's share of the batch.
+        v1 = distribute.replica_mean(
+            self._add_shared(grads[1 + len(encoder_vars):], v2, head_only)
+        )
         d_b = hypergradients.weight_hypergradient(
             self._mixed_term(self.w1, self.w1.current(), w1_step, train, v1,
                              head_only),
@@ -364,10 +386,16 @@ class LFM(base.MethodModel):
                 params, train["image"], train["label"]
             )
             loss = tf.reduce_mean(tf.cast(weights, losses.dtype) * losses)
-        grads = tape.gradient(loss, params)
+        grads = distribute.replica_mean(tape.gradient(loss, params))
         new_params, new_momenta = sgd.unroll(params, grads, self.step_counter)
         return Step(new_params, new_momenta, out.states, loss, out.logits,
                     out.features)
+
+
+def _unique(variables):
+    """`variables` without repeats (W1 and W2 may share a trunk)."""
+    seen = set()
+    return [v for v in variables if not (id(v) in seen or seen.add(id(v)))]
 
 
 def _add(a, b):

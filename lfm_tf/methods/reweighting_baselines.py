@@ -9,6 +9,7 @@ forward-mode), so neither needs a double backward pass.
 
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 from lfm_tf.optimization import hypergradients
@@ -50,7 +51,10 @@ class _LookaheadModel(base.MethodModel):
             tape.watch(params)
             losses, _ = self.w1.losses(params, meta["image"], meta["label"])
             val_loss = tf.reduce_mean(losses)
-        return tape.gradient(val_loss, params), val_loss
+        return (
+            distribute.scale_gradients(tape.gradient(val_loss, params)),
+            val_loss,
+        )
 
     def mixed_term(self, train, params, direction):
         """<grad l_i(W), v> for the training batch, float [B]."""
@@ -70,7 +74,7 @@ class _LookaheadModel(base.MethodModel):
                 params, train["image"], train["label"]
             )
             loss = tf.reduce_mean(tf.stop_gradient(weights) * losses)
-        grads = tape.gradient(loss, params)
+        grads = distribute.replica_mean(tape.gradient(loss, params))
         new_params, new_momenta = self.sgd.unroll(
             params, grads, self.step_counter
         )
@@ -89,7 +93,7 @@ class L2RW(_LookaheadModel):
     METRIC_NAMES = ("loss", "val_loss", "weight_mean", "weight_zero_fraction")
 
     def train_step(self, data):
-        train, meta = data["train"], data["meta"]
+        train, meta = data["train"], distribute.gather_batch(data["meta"])
         params = self.w1.current()
         direction, val_loss = self.meta_direction(params, meta)
         meta_gradient = -self.mixed_term(train, params, direction)
@@ -150,7 +154,7 @@ class MetaWeightNet(_LookaheadModel):
             losses, _ = self.w1.losses(params, train["image"], train["label"])
             weights = self.example_weights(losses)
             lookahead_loss = tf.reduce_mean(tf.stop_gradient(weights) * losses)
-        grads = tape.gradient(lookahead_loss, params)
+        grads = distribute.replica_mean(tape.gradient(lookahead_loss, params))
         lookahead, _ = self.sgd.unroll(params, grads, self.step_counter)
         direction, val_loss = self.meta_direction(lookahead, meta)
         d_weights = hypergradients.weight_hypergradient(
@@ -166,7 +170,7 @@ class MetaWeightNet(_LookaheadModel):
         return phi_grads, val_loss, losses
 
     def train_step(self, data):
-        train, meta = data["train"], data["meta"]
+        train, meta = data["train"], distribute.gather_batch(data["meta"])
         phi_grads, val_loss, losses = self.meta_gradient(train, meta)
         self.meta_optimizer.apply(phi_grads, self.meta_net.trainable_variables)
         new_weights = self.example_weights(losses)

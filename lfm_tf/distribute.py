@@ -1,0 +1,222 @@
+"""tf.distribute for every method: the strategy, and replica-consistent steps.
+
+`make_strategy` turns `--strategy` (and `--tpu`, `TF_CONFIG`) into a
+`tf.distribute.Strategy`; `train_lib` builds and compiles the method inside
+its scope and Keras `fit` runs `train_step` once per replica on a slice of
+the global batch.
+
+A multilevel step takes gradients *inside* another tape: W' = W - eta * g
+with g = grad of the weighted training loss, then the outer objective is
+differentiated through W'. If each replica stepped with its own g, every
+replica would differentiate a different W' and the all-reduced hypergradient
+would not be the one-device hypergradient (research/tf_stack.md §4). So the
+helpers below make each replica compute what one device computes on the
+global batch of B examples (b = B / N per replica, N replicas):
+
+* `replica_mean(grads)`: the inner gradients, all-reduced inside the outer
+  tape. The mean over replicas of per-replica gradients of the per-replica
+  mean loss is the sum over replicas of gradients of the global-batch-scaled
+  loss (mean / N), i.e. the gradient of the one-device mean over B. The
+  all-reduce is differentiable, so the outer tape sees every replica's
+  examples.
+* `scale_gradients(grads)`: gradients of an outer objective that every
+  replica computes in full (the same value on each) are divided by N,
+  because the gradient that flows back through an all-reduce is the sum over
+  replicas of their upstream gradients; Keras optimizers then SUM the outer
+  gradients over replicas. Scaling the gradients, not the loss, is the same
+  (the backward pass is linear) and cannot fall outside a tape.
+* `gather_batch(batch)`: the meta batch, all-gathered, so the softmax over
+  validation examples, u_j and r_j (by id or positional) cover the whole meta
+  batch exactly as on one device.
+
+Every helper is the identity when there is one replica (or outside a replica
+context), so single-device runs execute the same ops as before.
+"""
+
+import json
+import os
+from typing import Optional
+
+import tensorflow as tf
+from absl import logging
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def make_strategy(name: str = "default", tpu: Optional[str] = None,
+                  devices=None) -> tf.distribute.Strategy:
+    """The `tf.distribute.Strategy` named by `--strategy`.
+
+    Args:
+      name: `default` (no strategy: TensorFlow's default, one device),
+        `one_device` (the first GPU, else the CPU), `mirrored` (every local
+        GPU, or `devices`), `multi_worker` (MultiWorkerMirroredStrategy; the
+        cluster comes from the `TF_CONFIG` environment variable as TensorFlow
+        defines it) or `tpu` (TPUStrategy on `tpu`).
+      tpu: TPU name or address for `tpu` (`""` or None: the local TPU, e.g.
+        a TPU VM).
+      devices: optional device list for `mirrored` (tests use logical CPUs).
+
+    Returns:
+      The strategy; enter `strategy.scope()` to build the model.
+
+    Raises:
+      ValueError: an unknown name, or `multi_worker` without a valid
+        `TF_CONFIG`.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"Received strategy={name!r}; expected one of {list(STRATEGIES)}. "
+            "Set --strategy to one of these."
+        )
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(
+            gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        _check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu or "")
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _check_tf_config():
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise ValueError(
+            "Received strategy='multi_worker' without TF_CONFIG; expected the "
+            "environment variable TF_CONFIG='{\"cluster\": {\"worker\": "
+            "[\"host1:port\", ...]}, \"task\": {\"type\": \"worker\", "
+            "\"index\": 0}}' on every worker. Set it, or use "
+            "--strategy=mirrored on one host."
+        )
+    try:
+        config = json.loads(raw)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"Received TF_CONFIG={raw!r}; expected JSON with cluster.worker "
+            "(a list of host:port) and task.type/task.index. Fix TF_CONFIG."
+        ) from error
+    logging.info("multi_worker: %d workers, this is %s %s", len(workers),
+                 task.get("type"), task.get("index"))
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one worker that writes artefacts (always, on one host)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type is None or task_type == "chief" or (
+        task_type == "worker" and task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _replica_context():
+    """The replica context when there is more than one replica, else None."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def num_replicas() -> int:
+    """N, the replicas in sync (1 without a strategy)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_mean(values):
+    """Mean over replicas of a list of tensors (None entries stay None).
+
+    Called on inner gradients inside the outer tape; differentiable.
+    IndexedSlices are densified first, as the all-reduce needs dense values.
+
+    Args:
+      values: list of tensors or None.
+
+    Returns:
+      List shaped like `values`; `values` itself with one replica.
+    """
+    return _all_reduce(values, tf.distribute.ReduceOp.MEAN)
+
+
+def replica_sum(values):
+    """Sum over replicas of a list of tensors (None entries stay None)."""
+    return _all_reduce(values, tf.distribute.ReduceOp.SUM)
+
+
+def _all_reduce(values, op):
+    context = _replica_context()
+    if context is None:
+        return values
+    values = list(values)
+    present = [i for i, v in enumerate(values) if v is not None]
+    reduced = context.all_reduce(
+        op, [tf.convert_to_tensor(values[i]) for i in present])
+    out = list(values)
+    for i, value in zip(present, reduced):
+        out[i] = value
+    return out
+
+
+def scale_gradients(grads):
+    """grads / N, for gradients of an objective every replica computes in full.
+
+    Keras optimizers sum gradients over replicas, and the gradient through an
+    all-reduce sums the replicas' upstream gradients; dividing by N makes
+    both sums add up to the one-device gradient. (The global-batch loss
+    scaling, applied after the backward pass, where it cannot fall outside a
+    tape.)
+
+    Args:
+      grads: list of tensors or None.
+
+    Returns:
+      List shaped like `grads`; `grads` itself with one replica.
+    """
+    if _replica_context() is None:
+        return grads
+    scale = 1.0 / num_replicas()
+    return [None if g is None else tf.convert_to_tensor(g) * tf.cast(
+        scale, g.dtype) for g in grads]
+
+
+def gather_batch(batch):
+    """Every replica's slice of a (nested dict) batch, concatenated.
+
+    Replica order is the order of the global batch, so positional r and the
+    softmax over validation examples see the one-device batch.
+    """
+    context = _replica_context()
+    if context is None:
+        return batch
+    return tf.nest.map_structure(
+        lambda value: context.all_gather(value, axis=0), batch)
+
+
+def assign_replica_mean(variables):
+    """Assigns each variable its mean over replicas (in a replica context).
+
+    For state that every replica updates from its own slice of the batch
+    (BatchNorm moving statistics); a no-op with one replica.
+    """
+    context = _replica_context()
+    if context is None or not variables:
+        return
+    for variable, value in zip(variables, replica_mean(
+            [tf.convert_to_tensor(v) for v in variables])):
+        variable.assign(value)
+
+
+def worker_id(strategy: tf.distribute.Strategy) -> int:
+    """This worker's task index (0 on one host)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0) if resolver else 0

@@ -20,9 +20,27 @@ WEIGHTING_MODES = ("by_id", "positional")
 EVALUATED_LEARNERS = ("w1", "w2")
 WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
 METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
-           "penalty", "lrw_easy", "lrw_random", "lrw_hard", "molere")
+           "penalty", "lrw_easy", "lrw_random", "lrw_hard", "molere",
+           "darts", "lfm_darts")
 DBL_VALIDATION = ("train_split", "meta")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# Architecture search: the methods whose B is the architecture α.
+SEARCH_METHODS = ("darts", "lfm_darts")
+ARCH_ORDERS = ("first", "second")
+PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+
+
+def parse_list(name, text, kind=float):
+    """A comma-separated flag value as a tuple (empty text: empty tuple)."""
+    try:
+        return tuple(kind(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(
+            f"Received {name}={text!r}; expected comma-separated "
+            f"{kind.__name__} values, e.g. --{name}=0,6,12."
+        ) from None
 
 
 def _check_choice(name, value, choices):
@@ -150,12 +168,24 @@ class ModelConfig:
       width: base channel count of `small_cnn`; widen factor of WRN.
       depth: depth of WRN (28 for WRN-28-10).
       dropout: dropout rate inside WRN blocks.
+      genotype: train the network of a searched cell instead of `backbone`:
+        a published name (`DARTS_V2`, `DARTS_V1`, `PDARTS`), a search's
+        `genotype.json` (or its workdir). `width` is then its initial
+        channels (36 in the DARTS protocol).
+      cells: cells of the genotype's network (20 in the DARTS protocol).
+      auxiliary_weight: weight of the auxiliary head's CE (0.4; 0 = none).
+      drop_path_rate: final drop-path rate, ramped linearly from 0 over the
+        epochs (DARTS 0.2, P-DARTS 0.3).
     """
 
     backbone: str = "resnet32"
     width: int = 16
     depth: int = 28
     dropout: float = 0.0
+    genotype: Optional[str] = None
+    cells: int = 20
+    auxiliary_weight: float = 0.4
+    drop_path_rate: float = 0.2
 
     def validate(self):
         _check_choice("backbone", self.backbone, BACKBONES)
@@ -168,6 +198,19 @@ class ModelConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(
                 f"Received dropout={self.dropout}; expected [0, 1)."
+            )
+        _check_positive("cells", self.cells)
+        if self.genotype is not None and self.cells < 3:
+            raise ValueError(
+                f"Received cells={self.cells}; expected >= 3 so that the "
+                "two reduction cells are distinct. Set --cells=20."
+            )
+        _check_positive("auxiliary_weight", self.auxiliary_weight,
+                        allow_zero=True)
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(
+                f"Received drop_path_rate={self.drop_path_rate}; expected "
+                "[0, 1). Set --drop_path_rate=0.2."
             )
         return self
 
@@ -376,6 +419,131 @@ class MethodConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Differentiable architecture search (DARTS, P-DARTS and their LFM
+    versions; `method=darts` or `lfm_darts`).
+
+    Attributes:
+      search_channels: C of the supernet's first cells (16).
+      search_cells: supernet cells (8 for DARTS; P-DARTS' first stage 5).
+      search_steps: intermediate nodes per cell (4).
+      search_primitives: comma-separated candidate ops (all 8 by default;
+        fewer only for quick tests).
+      arch_order: `second` (DARTS' unrolled architecture gradient through
+        one virtual SGD step) or `first` (xi = 0). LFM-DARTS always
+        differentiates through both of its unrolled steps.
+      arch_learning_rate: Adam lr of α (DARTS 3e-4, P-DARTS 6e-4).
+      arch_weight_decay: coupled L2 on α, added to its gradient (1e-3).
+      arch_beta_1: Adam beta_1 of α (0.5).
+      arch_grad_clip_norm: clip α's gradient to this norm (P-DARTS 5;
+        None: DARTS, no clip).
+      arch_init_scale: α starts at arch_init_scale * N(0, 1) (1e-3).
+      arch_warmup_epochs: epochs per stage that train the weights only
+        (P-DARTS 10; DARTS 0).
+      progressive: P-DARTS: stages of growing depth, dropping the weakest
+        ops after each.
+      pdarts_add_cells: cells added per stage to `search_cells` (0,6,12).
+      pdarts_num_to_keep: ops kept per edge after each stage (5,3,1).
+      pdarts_skip_dropout: skip-connect dropout rate per stage (0,0.4,0.7
+        for CIFAR-10, the paper and author).
+      pdarts_max_skips: skip-connects allowed in the final normal cell (2).
+    """
+
+    search_channels: int = 16
+    search_cells: int = 8
+    search_steps: int = 4
+    search_primitives: str = ",".join(PRIMITIVES)
+    arch_order: str = "second"
+    arch_learning_rate: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    arch_beta_1: float = 0.5
+    arch_grad_clip_norm: Optional[float] = None
+    arch_init_scale: float = 1e-3
+    arch_warmup_epochs: int = 0
+    progressive: bool = False
+    pdarts_add_cells: str = "0,6,12"
+    pdarts_num_to_keep: str = "5,3,1"
+    pdarts_skip_dropout: str = "0.0,0.4,0.7"
+    pdarts_max_skips: int = 2
+
+    @property
+    def primitives(self):
+        return parse_list("search_primitives", self.search_primitives, str)
+
+    @property
+    def stages(self):
+        """[(cells, ops kept after the stage, skip dropout)] of the search."""
+        if not self.progressive:
+            return [(self.search_cells, None, 0.0)]
+        add = parse_list("pdarts_add_cells", self.pdarts_add_cells, int)
+        keep = parse_list("pdarts_num_to_keep", self.pdarts_num_to_keep, int)
+        drop = parse_list("pdarts_skip_dropout", self.pdarts_skip_dropout)
+        if not len(add) == len(keep) == len(drop) or not add:
+            raise ValueError(
+                f"Received pdarts_add_cells={self.pdarts_add_cells!r}, "
+                f"pdarts_num_to_keep={self.pdarts_num_to_keep!r} and "
+                f"pdarts_skip_dropout={self.pdarts_skip_dropout!r}; expected "
+                "one value per stage in each, e.g. 0,6,12 / 5,3,1 / "
+                "0.0,0.4,0.7."
+            )
+        return [(self.search_cells + a, k, d)
+                for a, k, d in zip(add, keep, drop)]
+
+    def validate(self):
+        for name in ("search_channels", "search_cells", "search_steps",
+                     "arch_learning_rate", "arch_grad_clip_norm",
+                     "arch_init_scale"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("arch_weight_decay", self.arch_weight_decay,
+                        allow_zero=True)
+        _check_positive("arch_warmup_epochs", self.arch_warmup_epochs,
+                        allow_zero=True)
+        _check_positive("pdarts_max_skips", self.pdarts_max_skips,
+                        allow_zero=True)
+        _check_choice("arch_order", self.arch_order, ARCH_ORDERS)
+        if self.search_channels % 2:
+            raise ValueError(
+                f"Received search_channels={self.search_channels}; expected "
+                "an even number (FactorizedReduce halves it). Set "
+                "--search_channels=16."
+            )
+        unknown = [p for p in self.primitives if p not in PRIMITIVES]
+        if unknown or len(set(self.primitives)) < 2:
+            raise ValueError(
+                f"Received search_primitives={self.search_primitives!r}; "
+                f"expected at least two distinct ops of {list(PRIMITIVES)}."
+            )
+        if not 0 < self.arch_beta_1 < 1:
+            raise ValueError(
+                f"Received arch_beta_1={self.arch_beta_1}; expected (0, 1)."
+            )
+        ops_on = len(self.primitives)
+        for cells, keep, rate in self.stages:
+            if cells < 3:
+                raise ValueError(
+                    f"Received a search stage of {cells} cells; expected >= 3"
+                    " (two distinct reduction cells). Raise --search_cells."
+                )
+            if keep is not None and not 1 <= keep < ops_on:
+                raise ValueError(
+                    f"Received pdarts_num_to_keep={self.pdarts_num_to_keep!r}"
+                    f" with {ops_on} ops on; expected a decreasing list that "
+                    "ends at 1."
+                )
+            if not 0 <= rate < 1:
+                raise ValueError(
+                    f"Received skip dropout {rate}; expected [0, 1)."
+                )
+            ops_on = keep if keep is not None else ops_on
+        if self.progressive and ops_on != 1:
+            raise ValueError(
+                f"Received pdarts_num_to_keep={self.pdarts_num_to_keep!r}; "
+                "expected the last stage to keep 1 op per edge."
+            )
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How long and how the Keras loop runs.
 
@@ -395,6 +563,8 @@ class TrainConfig:
         `mirrored` (all local GPUs), `multi_worker` (cluster from
         `TF_CONFIG`) or `tpu`.
       tpu: TPU name or address for `strategy=tpu` (None: the local TPU).
+      mixed_precision: `none`, `mixed_bfloat16` or `mixed_float16` (with
+        dynamic loss scaling in the custom steps); variables stay float32.
     """
 
     epochs: int = 1
@@ -406,6 +576,7 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     strategy: str = "default"
     tpu: Optional[str] = None
+    mixed_precision: str = "none"
 
     def validate(self):
         _check_positive("epochs", self.epochs)
@@ -413,6 +584,8 @@ class TrainConfig:
         _check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
         _check_positive("checkpoints_to_keep", self.checkpoints_to_keep)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("mixed_precision", self.mixed_precision,
+                      MIXED_PRECISION)
         if self.tpu is not None and self.strategy != "tpu":
             raise ValueError(
                 f"Received tpu={self.tpu!r} with strategy={self.strategy!r}; "
@@ -431,6 +604,7 @@ class ExperimentConfig:
         default_factory=OptimizerConfig
     )
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self):

@@ -34,11 +34,15 @@ class Learner:
     Args:
       trunk: layer mapping images float [B,H,W,3] -> features float [B,D].
       head: layer mapping features -> logits float [B,C].
+      architecture: for a supernet trunk, the `nas.Architecture` whose
+        current α every forward pass reads (so tapes see α as a variable);
+        None for ordinary networks.
     """
 
-    def __init__(self, trunk, head):
+    def __init__(self, trunk, head, architecture=None):
         self.trunk = trunk
         self.head = head
+        self.architecture = architecture
 
     @property
     def variables(self):
@@ -71,13 +75,24 @@ class Learner:
         head_states = [
             tf.convert_to_tensor(v) for v in self.head.non_trainable_variables
         ]
+        trunk_args = {}
+        if self.architecture is not None:
+            trunk_args["arch_weights"] = self.architecture.probabilities()
         features, trunk_states = self.trunk.stateless_call(
-            list(params[:split]), trunk_states, images, training=training
+            list(params[:split]), trunk_states, images, training=training,
+            **trunk_args,
         )
         logits, head_states = self.head.stateless_call(
             list(params[split:]), head_states, features, training=training
         )
         return Forward(logits, features, list(trunk_states) + list(head_states))
+
+    def __call__(self, images, training=False):
+        """Logits at the current weights (evaluation, export of W1)."""
+        trunk_args = {}
+        if self.architecture is not None:
+            trunk_args["arch_weights"] = self.architecture.probabilities()
+        return self.head(self.trunk(images, training=training, **trunk_args))
 
     def losses(self, params, images, labels, training=True):
         """Per-example CE at `params` -> (float [B], Forward)."""

@@ -1,0 +1,149 @@
+"""DARTS (Liu et al. 2019): the architecture α descends the validation loss.
+
+Per step, in the reference order (research/nas.md §2.2): first α takes an
+Adam step on L_val(w', α) with w' = w - xi grad_w L_train(w, α) (second
+order; xi is the weights' current learning rate) or on L_val(w, α) (first
+order), then the weights w take an SGD step on L_train(w, α) under the new α.
+
+The second-order gradient is exact: reverse-over-reverse through the
+unrolled step (nested tapes), checked against central differences of the
+unrolled objective in the tests. DARTS' own central-difference Hessian-vector
+product (eps = 0.01 / |v| on all weights) is not offered: on the small,
+BatchNorm-heavy supernets we test it was far from the exact value (the loss
+is strongly curved at that step size), and the exact product costs one extra
+backward pass, which `benchmarks/search_step.py` measures.
+"""
+
+import keras
+import tensorflow as tf
+
+from lfm_tf.methods import base
+from lfm_tf.methods import learners
+
+
+def entropy(probabilities):
+    """Mean row entropy of softmaxed α (falls as the search commits)."""
+    return -tf.reduce_mean(tf.reduce_sum(
+        probabilities * tf.math.log(probabilities + 1e-12), axis=-1))
+
+
+class ArchitectureStep:
+    """α's optimizer: clip, coupled L2 decay, Adam (DARTS' and P-DARTS'
+    settings: Adam(lr, 0.5, 0.999, eps 1e-8), decay 1e-3, P-DARTS clip 5).
+
+    Args:
+      architecture: `nas.Architecture`.
+      search_config: `SearchConfig`.
+    """
+
+    def __init__(self, architecture, search_config):
+        self.architecture = architecture
+        self.weight_decay = float(search_config.arch_weight_decay)
+        self.clip_norm = search_config.arch_grad_clip_norm
+        self.optimizer = keras.optimizers.Adam(
+            search_config.arch_learning_rate,
+            beta_1=search_config.arch_beta_1, beta_2=0.999, epsilon=1e-8,
+            name="arch_optimizer",
+        )
+        self.optimizer.build(self.variables)
+
+    @property
+    def variables(self):
+        return [self.architecture.arch_normal, self.architecture.arch_reduce]
+
+    def apply(self, grads):
+        grads = [tf.convert_to_tensor(g) for g in grads]
+        if self.clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
+        # PyTorch's Adam(weight_decay) adds the decay after the clip.
+        grads = [g + self.weight_decay * v
+                 for g, v in zip(grads, self.variables)]
+        self.optimizer.apply(grads, self.variables)
+
+
+class Darts(base.MethodModel):
+    """DARTS as a Keras model over a supernet classifier.
+
+    Args:
+      classifier: the supernet `Classifier` (trunk: `SearchNetwork`).
+      sgd: `FunctionalSGD` of the weights w.
+      num_classes: C.
+      architecture: `nas.Architecture` (α).
+      search_config: `SearchConfig` (order, α optimizer).
+      hypergradient: `exact` (the only one offered; see the module doc).
+    """
+
+    METRIC_NAMES = ("loss", "val_loss", "arch_entropy")
+
+    def __init__(self, classifier, sgd, num_classes, *, architecture,
+                 search_config, hypergradient="exact", **kwargs):
+        super().__init__(classifier, sgd, num_classes, **kwargs)
+        self.architecture = architecture
+        self.arch_step = ArchitectureStep(architecture, search_config)
+        self.second_order = search_config.arch_order == "second"
+        if hypergradient != "exact":
+            raise ValueError(
+                f"Received hypergradient={hypergradient!r} for DARTS; "
+                "expected `exact` (set --arch_order=first for the "
+                "first-order gradient)."
+            )
+        self.learner = learners.Learner(classifier.trunk, classifier.head,
+                                        architecture)
+        # Python switch (P-DARTS' weight-only warm-up epochs); the search
+        # pipeline resets the train function when it flips.
+        self.arch_updates = True
+
+    def call(self, images, training=False):
+        return self.learner(images, training=training)
+
+    def train_step(self, data):
+        train, meta = data["train"], data["meta"]
+        if self.arch_updates:
+            val_loss, arch_grads = self.architecture_gradient(train, meta)
+            self.arch_step.apply(arch_grads)
+        else:
+            val_loss = tf.constant(0.0)
+        loss, logits = self.weight_step(train)
+        normal, reduce = self.architecture.probabilities()
+        return self.finish_step(
+            train["label"], logits, loss=loss, val_loss=val_loss,
+            arch_entropy=(entropy(normal) + entropy(reduce)) / 2.0)
+
+    def weight_step(self, train):
+        """w <- SGD step on L_train(w, α); returns (loss, logits)."""
+        params = self.learner.current()
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            losses, out = self.learner.losses(params, train["image"],
+                                              train["label"])
+            loss = tf.reduce_mean(losses)
+        new_params, new_momenta = self.sgd.unroll(
+            params, tape.gradient(loss, params), self.step_counter)
+        self.sgd.assign(self.learner.variables, new_params, new_momenta)
+        self.learner.assign_states(out.states)
+        return loss, out.logits
+
+    def train_loss(self, params, train):
+        losses, _ = self.learner.losses(params, train["image"],
+                                        train["label"])
+        return tf.reduce_mean(losses)
+
+    def virtual_step(self, params, train):
+        """w' = one SGD step (momentum, decay) from `params`; differentiable."""
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = self.train_loss(params, train)
+        return self.sgd.unroll(params, tape.gradient(loss, params),
+                               self.step_counter)[0]
+
+    def architecture_gradient(self, train, meta):
+        """(L_val, dL_val/dα as [normal, reduce])."""
+        arch = self.arch_step.variables
+        params = self.learner.current()
+        if not self.second_order:
+            with tf.GradientTape() as tape:
+                val_loss = self.train_loss(params, meta)
+            return val_loss, tape.gradient(val_loss, arch)
+        with tf.GradientTape() as tape:
+            val_loss = self.train_loss(self.virtual_step(params, train), meta)
+        return val_loss, tape.gradient(val_loss, arch)

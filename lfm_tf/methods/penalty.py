@@ -32,6 +32,9 @@ Choices where the paper/code is silent or that we changed (README "penalty"):
   (a = 0.5), the mean the per-epoch renormalisation keeps.
 * The penalty state (rho, lambda, eps, nu, learning rates) lives in model
   variables, so checkpoints hold all of it.
+* v is stepped by Adam (`--penalty_learner_learning_rate`), as in the
+  authors' code; the engine's functional SGD and `--w1_learning_rate` are
+  not used by this method.
 """
 
 from typing import Callable, List, NamedTuple, Sequence

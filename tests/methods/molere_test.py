@@ -97,6 +97,18 @@ class RegulariserTest(tf.test.TestCase):
                 tf.nn.softmax(logits)[:, 0], losses)
         self.assertLess(float(tape.gradient(adversarial, logits)[1, 0]), 0.0)
 
+    def test_budget_split_follows_the_probabilities(self):
+        p_val = tf.constant([0.9, 0.9, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05,
+                             0.05, 0.05])
+        hits = np.zeros(10)
+        for step in range(200):
+            split = molere.budget_split(p_val, 0.2, tf.constant([1, step]))
+            self.assertEqual(float(tf.reduce_sum(split)), 2.0)
+            hits += split.numpy()
+        # Items 0 and 1 carry most of the mass and are drawn far more often.
+        self.assertGreater(hits[:2].min(), 3 * hits[2:].max())
+        self.assertGreater(hits[2:].sum(), 0)  # Sampled, not thresholded.
+
     def test_initial_split_is_exactly_delta(self):
         split = molere.initial_split(50, 0.1, seed=2)
         self.assertEqual(split.sum(), 5)
@@ -167,6 +179,8 @@ class TrainStepTest(tf.test.TestCase):
         untouched = np.setdiff1d(np.arange(10), [3, 0, 7, 5, 9, 1])
         self.assertAllEqual(split[untouched], split_before[untouched])
         self.assertTrue(set(np.unique(split)) <= {0.0, 1.0})
+        # The budget: round(0.3 * 6) = 2 of the batch's items in validation.
+        self.assertEqual(split[[3, 0, 7, 5, 9, 1]].sum(), 2)
 
     def test_warmup_keeps_the_initial_split(self):
         model, config = _build(molere_meta_every=1, molere_warmup_epochs=1)

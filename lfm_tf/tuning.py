@@ -160,7 +160,19 @@ def _corners(dimension):
 
 
 def merge_space(base, overrides: Sequence[str]) -> List[Dimension]:
-    """The default space of `base`'s method, `overrides` replacing names."""
+    """The default space of `base`'s method, `overrides` replacing names.
+
+    Raises:
+      ValueError: an architecture-search method (the tuner drives
+        `pipelines.train`, whose runs end in a test accuracy).
+    """
+    if base.method.method not in DEFAULT_SPACES:
+        raise ValueError(
+            f"Received method={base.method.method!r}; the tuner searches the "
+            f"training methods {sorted(DEFAULT_SPACES)}. Tune a searched "
+            "cell by training it: --genotype=<search>/genotype.json with a "
+            "training method."
+        )
     defaults = {
         d.name: d
         for d in parse_space(DEFAULT_SPACES[base.method.method], base)

@@ -62,7 +62,11 @@ class SpaceTest(tf.test.TestCase):
     def test_defaults_parse_for_every_method(self):
         for method in config_lib.METHODS:
             base = config_lib.ExperimentConfig().replace(method=method)
-            self.assertNotEmpty(tuning.merge_space(base, []))
+            if method in config_lib.SEARCH_METHODS:
+                with self.assertRaisesRegex(ValueError, "--genotype"):
+                    tuning.merge_space(base, [])
+            else:
+                self.assertNotEmpty(tuning.merge_space(base, []))
 
     def test_flagfile_round_trip(self):
         config = config_lib.ExperimentConfig().replace(

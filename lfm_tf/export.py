@@ -416,23 +416,9 @@ def _build_architecture(info):
         model_config.validate()
         return backbones.build_backbone(model_config, num_classes,
                                         input_shape, name="classifier")
-    if kind == "genotype":
-        # pylint: disable=g-import-not-at-top
-        from lfm_tf.nas import genotypes
-        from lfm_tf.nas import network
-
-        classifier = network.NetworkCifar(
-            genotype=genotypes.Genotype.from_json(architecture["genotype"]),
-            init_channels=int(architecture["init_channels"]),
-            num_classes=num_classes,
-            num_layers=int(architecture["num_layers"]),
-            auxiliary=bool(architecture["auxiliary"]),
-        )
-        classifier(tf.zeros((1,) + input_shape, tf.float32), training=False)
-        return classifier
     raise ValueError(
         f"export_info.json has architecture kind {kind!r}; expected "
-        "'backbone' or 'genotype'."
+        "'backbone' (a searched cell is a backbone with `genotype` set)."
     )
 
 

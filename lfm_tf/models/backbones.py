@@ -426,7 +426,9 @@ def build_backbone(config, num_classes: int, input_shape: Sequence[int],
     """A `Classifier` whose variables exist on return.
 
     Args:
-      config: `ModelConfig` (backbone, width, depth, dropout).
+      config: `ModelConfig` (backbone, width, depth, dropout); with
+        `genotype` set, the network of that searched cell instead (`width`
+        initial channels, `cells` cells, the auxiliary head).
       num_classes: C, the head's width.
       input_shape: (H, W, 3) of the images it will see.
       name: model name.
@@ -443,6 +445,14 @@ def build_backbone(config, num_classes: int, input_shape: Sequence[int],
             f"Received num_classes={num_classes}; expected >= 1."
         )
     input_shape = tuple(int(d) for d in input_shape)
+    if getattr(config, "genotype", None):
+        # Imported here: the NAS package builds on this module.
+        from lfm_tf.nas import derived_network  # pylint: disable=g-import-not-at-top
+
+        return derived_network.build_derived_classifier(
+            config.genotype, num_classes, input_shape, channels=config.width,
+            layers=config.cells, auxiliary_weight=config.auxiliary_weight,
+            name=name)
     trunk = build_trunk(config, input_shape, widen_factor)
     head = keras.layers.Dense(
         int(num_classes), kernel_initializer=kaiming_normal(), name="head"

@@ -24,7 +24,7 @@ METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
            "darts", "lfm_darts")
 DBL_VALIDATION = ("train_split", "meta")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+MIXED_PRECISION = ("none", "mixed_bfloat16")
 # Architecture search: the methods whose B is the architecture α.
 SEARCH_METHODS = ("darts", "lfm_darts")
 ARCH_ORDERS = ("first", "second")
@@ -563,8 +563,10 @@ class TrainConfig:
         `mirrored` (all local GPUs), `multi_worker` (cluster from
         `TF_CONFIG`) or `tpu`.
       tpu: TPU name or address for `strategy=tpu` (None: the local TPU).
-      mixed_precision: `none`, `mixed_bfloat16` or `mixed_float16` (with
-        dynamic loss scaling in the custom steps); variables stay float32.
+      mixed_precision: `none` or `mixed_bfloat16` (compute in bfloat16,
+        variables, heads, losses and finite-difference perturbations in
+        float32). `mixed_float16` is refused: it needs dynamic loss scaling
+        through the unrolled steps, which is not implemented.
     """
 
     epochs: int = 1
@@ -584,6 +586,14 @@ class TrainConfig:
         _check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
         _check_positive("checkpoints_to_keep", self.checkpoints_to_keep)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        if self.mixed_precision == "mixed_float16":
+            raise ValueError(
+                "Received mixed_precision='mixed_float16'; expected 'none' or "
+                "'mixed_bfloat16'. float16 needs dynamic loss scaling through "
+                "the unrolled inner steps, which is not implemented; bfloat16 "
+                "has float32's range and needs none. Set "
+                "--mixed_precision=mixed_bfloat16."
+            )
         _check_choice("mixed_precision", self.mixed_precision,
                       MIXED_PRECISION)
         if self.tpu is not None and self.strategy != "tpu":

@@ -182,7 +182,8 @@ def scale_gradients(grads):
     Returns:
       List shaped like `grads`; `grads` itself with one replica.
     """
-    if _replica_context() is None:
+    context = _replica_context()
+    if context is None:
         return grads
     scale = 1.0 / num_replicas()
     return [None if g is None else tf.convert_to_tensor(g) * tf.cast(
@@ -198,8 +199,23 @@ def gather_batch(batch):
     context = _replica_context()
     if context is None:
         return batch
-    return tf.nest.map_structure(
-        lambda value: context.all_gather(value, axis=0), batch)
+    replicas = context.num_replicas_in_sync
+    # Each replica writes its slice into its own row of a zero buffer and the
+    # rows are summed: an all-gather built from an all-reduce, because
+    # `ReplicaContext.all_gather` fails under MultiWorkerMirroredStrategy
+    # ("destinations can not be empty", TF 2.21).
+    row = tf.one_hot(context.replica_id_in_sync_group, replicas)
+
+    def gather(value):
+        value = tf.convert_to_tensor(value)
+        mask = tf.reshape(tf.cast(row, value.dtype),
+                          [replicas] + [1] * value.shape.rank)
+        rows = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                  mask * value[None])
+        return tf.reshape(rows, tf.concat(
+            [[-1], tf.shape(value)[1:]], axis=0))
+
+    return tf.nest.map_structure(gather, batch)
 
 
 def assign_replica_mean(variables):
@@ -211,8 +227,10 @@ def assign_replica_mean(variables):
     context = _replica_context()
     if context is None or not variables:
         return
+    # tf.identity: a variable read under MultiWorkerMirroredStrategy has no
+    # device, and the all-reduce needs one (the replica's, from its scope).
     for variable, value in zip(variables, replica_mean(
-            [tf.convert_to_tensor(v) for v in variables])):
+            [tf.identity(v) for v in variables])):
         variable.assign(value)
 
 
@@ -220,3 +238,18 @@ def worker_id(strategy: tf.distribute.Strategy) -> int:
     """This worker's task index (0 on one host)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(getattr(resolver, "task_id", 0) or 0) if resolver else 0
+
+
+def step_logs(logs):
+    """A step's scalar logs, shaped for Keras' cross-replica reduction.
+
+    Under MultiWorkerMirroredStrategy Keras 3.15 reduces train/test logs
+    with `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars;
+    there each log is returned as shape [1] (the reduction gives back a
+    scalar). Elsewhere the logs are returned unchanged.
+    """
+    strategy = tf.distribute.get_strategy()
+    if (_replica_context() is None or not isinstance(
+            strategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        return logs
+    return {name: tf.reshape(value, [1]) for name, value in logs.items()}

@@ -15,6 +15,7 @@ Model selection reads only the clean validation (meta) set; the test set is
 read once, after training.
 """
 
+import contextlib
 import json
 import os
 import types
@@ -129,10 +130,12 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
     if config.method.method in lrw.SELECTIONS:
         # LRW's first phase: ERM, margins, a new train/validation split.
         data = lrw.resplit(config, data, workdir)
-    with strategy.scope():
+    with strategy.scope(), _precision(config.train.mixed_precision):
         model = factory.compile_method(
             factory.build_method(config, data["facts"]), config
         )
+    if config.train.mixed_precision != "none":
+        _float32_outputs(model)
     checkpoint = os.path.join(workdir, "checkpoints", "best.weights.h5")
     os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
     selection = keras.callbacks.ModelCheckpoint(
@@ -178,6 +181,44 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         metrics["best_val_accuracy"], workdir,
     )
     return metrics
+
+
+@contextlib.contextmanager
+def _precision(policy):
+    """Builds under a mixed-precision policy; heads compute in float32.
+
+    Layers keep the policy they were built with, so the global policy is
+    restored afterwards; `_float32_outputs` then keeps every loss, the meta
+    objective and the finite-difference differences in float32.
+    """
+    if policy == "none":
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _float32_outputs(model):
+    """Features, embeddings and logits in float32 under mixed precision.
+
+    The last layer of every trunk (W1's, W2's, V) and the heads compute in
+    float32, so similarities, u, a and every loss are float32.
+    """
+    for name in ("classifier", "w2_trunk", "w2_head", "encoder"):
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        if name == "classifier":
+            part.trunk.layers[-1].dtype_policy = "float32"
+            part.head.dtype_policy = "float32"
+        elif isinstance(part, keras.Model):
+            part.layers[-1].dtype_policy = "float32"
+        else:
+            part.dtype_policy = "float32"
 
 
 def _train_dataset(config, data):

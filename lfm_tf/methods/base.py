@@ -48,6 +48,14 @@ class MethodModel(keras.Model):
             name="accuracy"
         )
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' TF trainer, under any tf.distribute strategy, draws a batch
+        # to build the model symbolically, then restarts the iterator: an
+        # extra pass of the seeded stream (resume would see other batches),
+        # and with MultiWorkerMirroredStrategy it fails on nested batches.
+        # Every method is built on construction, so there is nothing to do.
+        del iterator, data_batch
+
     def learner_variables(self):
         """W1's trainable variables, in the order the SGD slots follow
         (trunk then head, as `learners.Learner` lists them)."""
@@ -92,7 +100,7 @@ class MethodModel(keras.Model):
         self.accuracy_tracker.update_state(labels, logits)
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {m.name: m.result() for m in self.metrics}
+        return distribute.step_logs({m.name: m.result() for m in self.metrics})
 
     def test_step(self, data):
         images, labels = data
@@ -102,10 +110,10 @@ class MethodModel(keras.Model):
         )
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(labels, logits)
-        return {
+        return distribute.step_logs({
             "loss": self.loss_tracker.result(),
             "accuracy": self.accuracy_tracker.result(),
-        }
+        })
 
     def predict_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data

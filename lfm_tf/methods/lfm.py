@@ -83,11 +83,6 @@ class LFM(base.MethodModel):
         self.weighting_table = example_weights.WeightTable(
             num_weighting, 1.0, name="weighting_table"
         )
-        # Their weights exist from construction. Marked built so that Keras
-        # under a tf.distribute strategy does not trace a symbolic build
-        # (which would draw a batch from the data stream).
-        self.example_weight_table.built = True
-        self.weighting_table.built = True
         clip = optimizer_config.grad_clip_norm
         # Adam, not the authors' SGD: dL/dB carries eta1*eta2/n^2, so its
         # scale depends on the learning rates and batch size; Adam's steps

@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "h5py==3.14.0",
+    "matplotlib==3.11.2",  # pipelines.benchmark's plots (Agg backend).
 ]
 
 setuptools.setup(

@@ -1,0 +1,779 @@
+"""A resumable grid of methods x settings x seeds, and its report.
+
+A grid is three lists, each from one flag of `pipelines.benchmark`:
+
+    --grid_methods=erm,focal,lfm_ps:method=lfm;encoder=shared
+    --grid_settings=if100:imbalance_factor=100,flip40:noise_type=flip;noise_rate=0.4
+    --grid_seeds=0,1,2
+
+A method entry is a method name (`erm`) or `name:field=value;field=value`
+(a variant; `method=` may be omitted when `name` is a method). A setting entry
+is always `name:field=value;...`. Fields are `ExperimentConfig` fields, i.e.
+any `pipelines.train` flag; the seed sets `seed`. Every cell's config is
+validated before the first cell trains, so a typo fails in seconds, not after
+an hour of training.
+
+Each cell runs `train_lib.train_and_evaluate` in
+
+    <workdir>/runs/<setting>/<method>/seed_<k>/
+
+and is skipped on a rerun once its `metrics.json` exists; a cell killed
+mid-training resumes from its own whole-state checkpoint. A cell that raises
+is recorded (`cell.json`, status `failed`, with the error) and the grid goes
+on; a rerun tries it again. Model selection inside each cell is on validation
+only and the test set is read once per cell, by `train_lib`; this module only
+reads what the cells wrote (`metrics.json`, `test_predictions.npz`,
+`example_weights.npz`, `splits.npz`), never the data.
+
+The report, in `<workdir>/`: `results.csv` (one row per run), `results.md`
+(mean ± std of test accuracy per method x setting with the best mean per
+setting in bold, wall time per cell, the machine, failures) and PNG plots in
+`plots/`: `accuracy.png`, `per_class_accuracy.png`,
+`confusion_<setting>.png` and `example_weights_<setting>.png`.
+"""
+
+import csv
+import dataclasses
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+import typing
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from absl import logging
+
+from lfm_tf import config as config_lib
+from lfm_tf import fileio
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CELL_FILE = "cell.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class GridEntry:
+    """One method (or variant) or one setting of the grid.
+
+    Attributes:
+      name: directory and table name, e.g. `lfm_ps` or `if100`.
+      overrides: ((field, value), ...) applied to the base config.
+    """
+
+    name: str
+    overrides: Tuple[Tuple[str, object], ...] = ()
+
+    def describe(self):
+        if not self.overrides:
+            return self.name
+        return self.name + ":" + ";".join(f"{k}={v}" for k, v in self.overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a setting, a method and a seed."""
+
+    setting: GridEntry
+    method: GridEntry
+    seed: int
+
+    def relative_dir(self):
+        return os.path.join("runs", self.setting.name, self.method.name,
+                            f"seed_{self.seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Methods x settings x seeds, in the order they are listed."""
+
+    methods: Tuple[GridEntry, ...]
+    settings: Tuple[GridEntry, ...]
+    seeds: Tuple[int, ...]
+
+    def cells(self) -> List[Cell]:
+        # Settings outermost: a partly finished grid already has whole
+        # columns of the results table.
+        return [Cell(s, m, seed) for s in self.settings for seed in self.seeds
+                for m in self.methods]
+
+    def config_for(self, base, cell):
+        """The validated config of `cell`: base, setting, method, seed."""
+        overrides = dict(cell.setting.overrides)
+        overrides.update(cell.method.overrides)
+        overrides["seed"] = cell.seed
+        return base.replace(**overrides).validate()
+
+
+def _field_types():
+    types = {}
+    for group in dataclasses.fields(config_lib.ExperimentConfig):
+        for field in dataclasses.fields(group.default_factory):
+            args = [a for a in typing.get_args(field.type)
+                    if a is not type(None)]
+            types[field.name] = args[0] if args else field.type
+    return types
+
+
+def _convert(kind, text):
+    """A flag-style string as the field's type (bool: true/false/1/0)."""
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{text!r} is not a bool")
+    if text.strip().lower() == "none":
+        return None
+    return kind(text)
+
+
+_FORMS = {
+    "method": "a method name (erm) or name:field=value;field=value "
+              "(lfm_ps:method=lfm;encoder=shared)",
+    "setting": "name:field=value;field=value "
+               "(if100:imbalance_factor=100)",
+}
+
+
+def parse_entry(kind: str, text: str) -> GridEntry:
+    """Parses one `--grid_methods` or `--grid_settings` entry.
+
+    Args:
+      kind: `method` or `setting`.
+      text: the entry, e.g. `lfm_ps:method=lfm;encoder=shared`.
+
+    Raises:
+      ValueError: naming the entry, what was expected and the fix.
+    """
+    flag = f"--grid_{kind}s"
+    name, colon, spec = text.strip().partition(":")
+
+    def fail(problem):
+        raise ValueError(
+            f"Received the {flag} entry {text!r}: {problem}. Expected "
+            f"{_FORMS[kind]}, with fields that are pipelines.train flags; "
+            f"fix the entry in {flag}."
+        )
+
+    if not _NAME.match(name):
+        fail(f"the name {name!r} is not a plain name ([A-Za-z0-9_.-])")
+    types = _field_types()
+    overrides = []
+    for item in (spec.split(";") if colon else []):
+        if not item.strip():
+            continue
+        field, equals, value = item.partition("=")
+        field = field.strip()
+        if not equals:
+            fail(f"{item!r} has no '='")
+        if field not in types:
+            fail(f"{field!r} is not a config field")
+        if field == "seed":
+            fail("the seed comes from --grid_seeds, not from an entry")
+        try:
+            overrides.append((field, _convert(types[field], value.strip())))
+        except ValueError:
+            fail(f"{value!r} is not a valid {types[field].__name__} "
+                 f"for {field}")
+    fields = dict(overrides)
+    if kind == "method":
+        if "method" not in fields:
+            if name not in config_lib.METHODS:
+                fail(f"{name!r} is not a method and the entry sets no "
+                     f"method=; methods: {list(config_lib.METHODS)}")
+            overrides.insert(0, ("method", name))
+    elif not overrides:
+        fail("a setting needs at least one field=value")
+    if kind == "setting" and "method" in fields:
+        fail("a setting may not choose the method; put it in --grid_methods")
+    return GridEntry(name, tuple(overrides))
+
+
+def parse_grid(methods: Sequence[str], settings: Sequence[str],
+               seeds: Sequence, base=None) -> Grid:
+    """The grid from the three flag lists, every cell validated.
+
+    Args:
+      methods: `--grid_methods` entries.
+      settings: `--grid_settings` entries.
+      seeds: `--grid_seeds` values (ints or their strings).
+      base: the `ExperimentConfig` every cell starts from (defaults if None).
+
+    Raises:
+      ValueError: a malformed entry, a duplicate name, an empty list, or a
+        cell whose config fails validation; the message names it.
+    """
+    try:
+        seed_values = tuple(int(s) for s in seeds)
+    except ValueError:
+        raise ValueError(
+            f"Received --grid_seeds={','.join(map(str, seeds))!r}; expected "
+            "comma-separated integers, e.g. --grid_seeds=0,1,2."
+        ) from None
+    grid = Grid(
+        methods=tuple(parse_entry("method", m) for m in methods if m.strip()),
+        settings=tuple(parse_entry("setting", s)
+                       for s in settings if s.strip()),
+        seeds=seed_values,
+    )
+    for flag, values in (("--grid_methods", [m.name for m in grid.methods]),
+                         ("--grid_settings", [s.name for s in grid.settings]),
+                         ("--grid_seeds", list(grid.seeds))):
+        if not values:
+            raise ValueError(
+                f"Received an empty {flag}; expected at least one entry, "
+                "e.g. --grid_methods=erm --grid_settings=if100:"
+                "imbalance_factor=100 --grid_seeds=0."
+            )
+        duplicates = sorted({str(v) for v in values if values.count(v) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Received {flag} with repeated names {duplicates}; expected "
+                "each once (they name run directories). Rename one, e.g. "
+                "lfm_ps:method=lfm;encoder=shared."
+            )
+    base = base or config_lib.ExperimentConfig()
+    for cell in grid.cells():
+        try:
+            grid.config_for(base, cell)
+        except ValueError as error:
+            raise ValueError(
+                f"Cell setting={cell.setting.describe()!r}, "
+                f"method={cell.method.describe()!r}, seed={cell.seed} is "
+                f"not a valid config: {error}"
+            ) from None
+    return grid
+
+
+def machine_description():
+    """One line: CPU, cores, OS, Python, TensorFlow and, once TensorFlow is
+    loaded (a cell trains), its GPUs; a report alone never imports it."""
+    processor = platform.processor() or platform.machine()
+    try:
+        version = importlib.metadata.version("tensorflow")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    text = (f"{processor}, {os.cpu_count()} cores, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}, "
+            f"TensorFlow {version}")
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        text += f", {gpus} GPU" + ("" if gpus == 1 else "s")
+    return text
+
+
+@dataclasses.dataclass
+class CellResult:
+    """What happened to one cell in this invocation.
+
+    Attributes:
+      cell: the `Cell`.
+      workdir: its run directory.
+      status: `done` (trained now), `skipped` (finished before) or `failed`.
+      error: the exception text of a failed cell.
+    """
+
+    cell: Cell
+    workdir: str
+    status: str
+    error: Optional[str] = None
+
+
+def run_grid(grid: Grid, base, workdir: str, train_fn=None) -> List[CellResult]:
+    """Runs every unfinished cell, in order, then writes nothing else.
+
+    Args:
+      grid: the `Grid`.
+      base: the `ExperimentConfig` every cell starts from.
+      workdir: the grid's directory.
+      train_fn: `(config, cell_workdir) -> metrics`; default
+        `train_lib.train_and_evaluate` (tests may pass a stand-in).
+
+    Returns:
+      one `CellResult` per cell, in grid order.
+    """
+    results = []
+    cells = grid.cells()
+    for number, cell in enumerate(cells, 1):
+        cell_dir = os.path.join(workdir, cell.relative_dir())
+        if os.path.exists(os.path.join(cell_dir, "metrics.json")):
+            logging.info("[%d/%d] %s: finished before, skipped.", number,
+                         len(cells), cell.relative_dir())
+            results.append(CellResult(cell, cell_dir, "skipped"))
+            continue
+        logging.info("[%d/%d] %s: training.", number, len(cells),
+                     cell.relative_dir())
+        config = grid.config_for(base, cell)
+        if train_fn is None:
+            # Imported here so that a rerun with every cell finished (or a
+            # report) starts in a second, without TensorFlow.
+            from lfm_tf import train_lib  # pylint: disable=g-import-not-at-top
+            train_fn = train_lib.train_and_evaluate
+        machine = machine_description()
+        start = time.time()
+        record = {"setting": cell.setting.describe(),
+                  "method": cell.method.describe(), "seed": cell.seed,
+                  "machine": machine,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            train_fn(config, cell_dir)
+            record.update(status="done", error=None)
+        except Exception as error:  # pylint: disable=broad-except
+            # One broken cell (a diverging method, a bad variant) must not
+            # cost the rest of a long grid; it is recorded and retried on
+            # the next run.
+            logging.error("%s failed: %s\n%s", cell.relative_dir(), error,
+                          traceback.format_exc())
+            record.update(status="failed",
+                          error=f"{type(error).__name__}: {error}")
+        record["wall_time_s"] = round(time.time() - start, 1)
+        fileio.write_text(os.path.join(cell_dir, CELL_FILE),
+                          json.dumps(record, indent=2, sort_keys=True))
+        results.append(CellResult(cell, cell_dir, record["status"],
+                                  record["error"]))
+        _clear_session()
+    return results
+
+
+def _clear_session():
+    """Frees the finished cell's graphs, so a long grid does not grow."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        keras.backend.clear_session()
+
+
+# ------------------------------------------------------------------ report
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
+    """One row per cell from what the cells wrote (no data is read).
+
+    A cell with `metrics.json` is `done`; one with only a failed
+    `cell.json` is `failed`; otherwise `pending`.
+    """
+    rows = []
+    for cell in grid.cells():
+        cell_dir = os.path.join(workdir, cell.relative_dir())
+        metrics = _read_json(os.path.join(cell_dir, "metrics.json"))
+        record = _read_json(os.path.join(cell_dir, CELL_FILE)) or {}
+        status = "done" if metrics else record.get("status", "pending")
+        if status == "done" and not metrics:
+            status = "pending"
+        row = {
+            "setting": cell.setting.name,
+            "method": cell.method.name,
+            "seed": cell.seed,
+            "status": status,
+            "test_accuracy": None,
+            "best_val_accuracy": None,
+            "best_epoch": None,
+            "wall_time_s": record.get("wall_time_s"),
+            "final_b_clean_mean": None,
+            "final_b_corrupted_mean": None,
+            "test_accuracy_per_class": None,
+            "machine": record.get("machine"),
+            "error": record.get("error") if status == "failed" else None,
+            "workdir": cell.relative_dir(),
+        }
+        if metrics:
+            for key in ("test_accuracy", "best_val_accuracy", "best_epoch",
+                        "final_b_clean_mean", "final_b_corrupted_mean",
+                        "test_accuracy_per_class"):
+                row[key] = metrics.get(key)
+        rows.append(row)
+    return rows
+
+
+def results_csv(rows: Sequence[Dict]) -> str:
+    """The rows as CSV; lists (per-class accuracy) as space-separated."""
+    buffer = io.StringIO()
+    if not rows:
+        return ""
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({
+            k: " ".join("" if x is None else f"{x:.4f}" for x in v)
+            if isinstance(v, list) else ("" if v is None else v)
+            for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _mean_std(values):
+    """(mean, sample std or None for one value, n) of non-None values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, 0
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return float(np.mean(values)), std, len(values)
+
+
+def summary(grid: Grid, rows: Sequence[Dict]):
+    """{(setting, method): (mean, std, n, mean wall time)} of finished runs."""
+    table = {}
+    for setting in grid.settings:
+        for method in grid.methods:
+            mine = [r for r in rows if r["setting"] == setting.name
+                    and r["method"] == method.name and r["status"] == "done"]
+            mean, std, n = _mean_std([r["test_accuracy"] for r in mine])
+            wall, _, _ = _mean_std([r["wall_time_s"] for r in mine])
+            table[(setting.name, method.name)] = (mean, std, n, wall)
+    return table
+
+
+def _best_methods(grid, table):
+    """{setting: names of the methods with the best mean (ties: all)}."""
+    best = {}
+    for setting in grid.settings:
+        means = {m.name: table[(setting.name, m.name)][0]
+                 for m in grid.methods
+                 if table[(setting.name, m.name)][0] is not None}
+        if means:
+            top = max(means.values())
+            # Rounded as printed, so that the bold agrees with the digits.
+            best[setting.name] = {m for m, v in means.items()
+                                  if round(100 * v, 2) == round(100 * top, 2)}
+    return best
+
+
+def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
+                     title: str = "Benchmark grid") -> str:
+    """Mean ± std test accuracy (%) per method x setting, best in bold."""
+    table = summary(grid, rows)
+    best = _best_methods(grid, table)
+    settings = [s.name for s in grid.settings]
+    lines = [
+        f"# {title}", "",
+        "Test accuracy (%), mean ± sample std over seeds (n runs); best "
+        "mean per setting in **bold**. Each run selects its epoch on the "
+        "clean validation (meta) set and reads the test set once.", "",
+        "| method | " + " | ".join(settings) + " |",
+        "|---|" + "---|" * len(settings),
+    ]
+    for method in grid.methods:
+        cells = []
+        for setting in settings:
+            mean, std, n, _ = table[(setting, method.name)]
+            if mean is None:
+                cells.append("–")
+                continue
+            text = f"{100 * mean:.2f}"
+            if std is not None:
+                text += f" ± {100 * std:.2f}"
+            if method.name in best.get(setting, ()):
+                text = f"**{text}**"
+            cells.append(f"{text} ({n})")
+        lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+    lines += ["", "Wall time per cell (s, mean over finished seeds):", "",
+              "| method | " + " | ".join(settings) + " |",
+              "|---|" + "---|" * len(settings)]
+    for method in grid.methods:
+        cells = []
+        for setting in settings:
+            wall = table[(setting, method.name)][3]
+            cells.append("–" if wall is None else f"{wall:.0f}")
+        lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in ("done", "failed", "pending")}
+    lines += [
+        "",
+        f"Runs: {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['pending']} pending, of {len(rows)}.",
+        f"Machine: {machine}.",
+        "",
+        "Methods: " + "; ".join(m.describe() for m in grid.methods) + ".",
+        "Settings: " + "; ".join(s.describe() for s in grid.settings) + ".",
+        f"Seeds: {', '.join(map(str, grid.seeds))}.",
+    ]
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed runs (retried on the next run):", ""]
+        lines += [f"- `{r['workdir']}`: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display)."""
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+    return plt
+
+
+def _save(figure, path):
+    """Saves a PNG atomically and closes the figure."""
+    tmp = path + ".tmp.png"
+    figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_accuracy(grid, rows, path):
+    """Grouped bars: mean test accuracy per setting, one bar per method."""
+    plt = _pyplot()
+    table = summary(grid, rows)
+    num_methods = len(grid.methods)
+    width = 0.8 / num_methods
+    figure, axis = plt.subplots(
+        figsize=(max(6, 2 + 0.35 * num_methods * len(grid.settings)), 4),
+        layout="constrained")
+    positions = np.arange(len(grid.settings))
+    for i, method in enumerate(grid.methods):
+        stats = [table[(s.name, method.name)] for s in grid.settings]
+        means = [100 * (m if m is not None else np.nan) for m, *_ in stats]
+        stds = [100 * (s or 0.0) for _, s, *_ in stats]
+        axis.bar(positions + (i - (num_methods - 1) / 2) * width, means,
+                 width, yerr=stds, capsize=2, label=method.name)
+    axis.set_xticks(positions, [s.name for s in grid.settings])
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("Test accuracy per method and setting (mean ± std)")
+    axis.legend(fontsize="small", ncol=2)
+    return _save(figure, path)
+
+
+def _subplots(count, columns, size=(4, 3.2)):
+    plt = _pyplot()
+    columns = max(1, min(columns, count))
+    grid_rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(
+        grid_rows, columns, squeeze=False,
+        figsize=(size[0] * columns, size[1] * grid_rows),
+        layout="constrained")
+    flat = list(axes.flat)
+    for axis in flat[count:]:
+        axis.set_visible(False)
+    return figure, flat[:count]
+
+
+def plot_per_class(grid, rows, path):
+    """Per-class test accuracy, classes head -> tail (the paper's Fig. 6).
+
+    Under a long tail, classes are ordered by their training count in the
+    run's splits; otherwise by id. Accuracy is the mean over finished
+    seeds.
+    """
+    figure, axes = _subplots(len(grid.settings), 2, size=(5, 3.5))
+    for axis, setting in zip(axes, grid.settings):
+        order = None
+        for method in grid.methods:
+            mine = [r for r in rows if r["setting"] == setting.name
+                    and r["method"] == method.name and r["status"] == "done"
+                    and r["test_accuracy_per_class"]]
+            if not mine:
+                continue
+            per_class = np.array([[np.nan if v is None else v
+                                   for v in r["test_accuracy_per_class"]]
+                                  for r in mine], dtype=np.float64)
+            if order is None:
+                order = _class_order(mine[0], per_class.shape[1])
+            axis.plot(np.arange(len(order)),
+                      100 * np.nanmean(per_class, axis=0)[order],
+                      marker="o", markersize=3, label=method.name)
+        axis.set_title(setting.name)
+        axis.set_xlabel("class (long tail: most to fewest training "
+                        "examples)")
+        axis.set_ylabel("test accuracy (%)")
+        if order is not None:
+            axis.set_xticks(np.arange(len(order)), [str(c) for c in order])
+            axis.legend(fontsize="x-small")
+    figure.suptitle("Per-class test accuracy (mean over seeds)")
+    return _save(figure, path)
+
+
+def _class_order(row, num_classes):
+    """Class ids by training count (descending) under a long tail; else
+    by id (noise alone only shuffles near-equal counts)."""
+    splits = _load_npz(row["_dir"], "splits.npz")
+    config = _read_json(os.path.join(row["_dir"], "config.json"))
+    if (splits is None or not config
+            or config["data"]["imbalance_factor"] <= 1):
+        return np.arange(num_classes)
+    counts = np.bincount(splits["train_labels"], minlength=num_classes)
+    return np.argsort(-counts, kind="stable")
+
+
+def _load_npz(cell_dir, name):
+    path = os.path.join(cell_dir, name)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+def plot_confusion(grid, rows, setting, path):
+    """Row-normalised test confusion matrices of `setting`, one per method.
+
+    Built from each run's `test_predictions.npz` (the one test pass of
+    `train_lib`), summed over seeds. Returns None when no run has them.
+    """
+    matrices = []
+    for method in grid.methods:
+        total = None
+        for row in rows:
+            if (row["setting"], row["method"], row["status"]) != (
+                    setting.name, method.name, "done"):
+                continue
+            saved = _load_npz(row["_dir"], "test_predictions.npz")
+            if saved is None:
+                continue
+            size = len(row["test_accuracy_per_class"] or []) or int(
+                max(saved["labels"].max(), saved["predictions"].max()) + 1)
+            counts = np.zeros((size, size))
+            np.add.at(counts, (saved["labels"], saved["predictions"]), 1)
+            total = counts if total is None else total + counts
+        if total is not None:
+            matrices.append((method.name, total))
+    if not matrices:
+        logging.info("No test_predictions.npz for %s; no confusion matrix.",
+                     setting.name)
+        return None
+    figure, axes = _subplots(len(matrices), 4, size=(3.4, 3.2))
+    for axis, (name, counts) in zip(axes, matrices):
+        rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        image = axis.imshow(rates, vmin=0, vmax=1, cmap="Blues")
+        axis.set_title(name, fontsize="small")
+        ticks = np.arange(len(rates))
+        axis.set_xticks(ticks, [str(t) for t in ticks], fontsize="x-small")
+        axis.set_yticks(ticks, [str(t) for t in ticks], fontsize="x-small")
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="fraction of true class")
+    figure.suptitle(f"Test confusion matrices, {setting.name} "
+                    "(summed over seeds)")
+    return _save(figure, path)
+
+
+def plot_example_weights(grid, rows, setting, path):
+    """Histograms of learned per-example weights of `setting`.
+
+    One row per method that learns a weight per training example (LFM's B,
+    the penalty method's a; `example_weights.npz`); columns: clean vs
+    corrupted examples (when there is label noise) and head vs tail classes
+    (when the run's imbalance_factor > 1: head = the classes with at least
+    the median training count, by observed label). Returns None when no run
+    has per-example weights.
+    """
+    found = []
+    for method in grid.methods:
+        weights, corrupted, labels, imbalanced = [], [], [], False
+        for row in rows:
+            if (row["setting"], row["method"], row["status"]) != (
+                    setting.name, method.name, "done"):
+                continue
+            saved = _load_npz(row["_dir"], "example_weights.npz")
+            if saved is None:
+                continue
+            weights.append(saved["weights"].reshape(-1))
+            corrupted.append(saved["is_corrupted"].astype(bool))
+            labels.append(saved["train_labels"])
+            config = _read_json(os.path.join(row["_dir"], "config.json"))
+            imbalanced |= bool(
+                config and config["data"]["imbalance_factor"] > 1)
+        if weights:
+            found.append((method.name, np.concatenate(weights),
+                          np.concatenate(corrupted), np.concatenate(labels),
+                          imbalanced))
+    if not found:
+        logging.info("No example_weights.npz for %s; no weight histogram.",
+                     setting.name)
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(found), 2, squeeze=False,
+                                figsize=(9, 3 * len(found)),
+                                layout="constrained")
+    for (name, weights, corrupted, labels, imbalanced), (left, right) in zip(
+            found, axes):
+        bins = np.histogram_bin_edges(weights, bins=30)
+        if corrupted.any():
+            left.hist(weights[~corrupted], bins, alpha=0.6, density=True,
+                      label=f"clean ({(~corrupted).sum()})")
+            left.hist(weights[corrupted], bins, alpha=0.6, density=True,
+                      label=f"corrupted ({corrupted.sum()})")
+            left.legend(fontsize="small")
+        else:
+            left.text(0.5, 0.5, "no corrupted labels", ha="center",
+                      transform=left.transAxes)
+        left.set_title(f"{name}: clean vs corrupted")
+        counts = np.bincount(labels)
+        head = counts[labels] >= np.median(counts[counts > 0])
+        # Noise alone makes observed counts differ a little; head and tail
+        # only mean something under a long tail (imbalance_factor > 1).
+        if imbalanced:
+            right.hist(weights[head], bins, alpha=0.6, density=True,
+                       label=f"head classes ({head.sum()})")
+            right.hist(weights[~head], bins, alpha=0.6, density=True,
+                       label=f"tail classes ({(~head).sum()})")
+            right.legend(fontsize="small")
+        else:
+            right.text(0.5, 0.5, "no long tail (imbalance_factor 1)", ha="center",
+                       transform=right.transAxes)
+        right.set_title(f"{name}: head vs tail")
+        for axis in (left, right):
+            axis.set_xlabel("learned weight")
+            axis.set_ylabel("density")
+    figure.suptitle(f"Learned per-example weights, {setting.name} "
+                    "(pooled over seeds)")
+    return _save(figure, path)
+
+
+def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
+                 title: str = "Benchmark grid") -> Dict[str, object]:
+    """Writes results.csv, results.md and plots/*.png from the cells' files.
+
+    Returns:
+      {"csv": path, "markdown": path, "plots": [paths], "rows": rows}.
+    """
+    rows = collect_rows(grid, workdir)
+    machine = machine or machine_description()
+    csv_path = os.path.join(workdir, "results.csv")
+    md_path = os.path.join(workdir, "results.md")
+    fileio.write_text(csv_path, results_csv(rows))
+    markdown = results_markdown(grid, rows, machine, title)
+    plot_dir = os.path.join(workdir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    for row in rows:
+        row["_dir"] = os.path.join(workdir, row["workdir"])
+    plots = []
+    if any(r["status"] == "done" for r in rows):
+        plots.append(plot_accuracy(grid, rows,
+                                   os.path.join(plot_dir, "accuracy.png")))
+        plots.append(plot_per_class(
+            grid, rows, os.path.join(plot_dir, "per_class_accuracy.png")))
+        for setting in grid.settings:
+            plots.append(plot_confusion(
+                grid, rows, setting,
+                os.path.join(plot_dir, f"confusion_{setting.name}.png")))
+            plots.append(plot_example_weights(
+                grid, rows, setting,
+                os.path.join(plot_dir, f"example_weights_{setting.name}.png")))
+    plots = [p for p in plots if p]
+    if plots:
+        markdown += "\nPlots:\n\n" + "\n".join(
+            f"![{os.path.basename(p)}](plots/{os.path.basename(p)})"
+            for p in plots) + "\n"
+    fileio.write_text(md_path, markdown)
+    for row in rows:
+        row.pop("_dir")
+    return {"csv": csv_path, "markdown": md_path, "plots": plots,
+            "rows": rows}

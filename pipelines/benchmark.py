@@ -1,0 +1,85 @@
+"""Runs a grid of methods x settings x seeds and reports it.
+
+    python -m pipelines.benchmark --flagfile=configs/benchmark/smoke.flags \
+        --workdir=/tmp/lfm_grid
+
+Every `pipelines.train` flag sets the base config of all cells; the grid
+flags vary it:
+
+    --grid_methods   erm,focal,lfm_ps:method=lfm;encoder=shared
+    --grid_settings  if100:imbalance_factor=100,flip40:noise_type=flip;noise_rate=0.4
+    --grid_seeds     0,1,2
+
+Each cell trains in <workdir>/runs/<setting>/<method>/seed_<k>/ (the usual
+`pipelines.train` artefacts). Rerunning the same command skips finished cells
+and resumes an interrupted one; a failed cell is recorded and the grid goes
+on. At the end (and with --grid_report_only, without training) it writes
+<workdir>/results.csv, results.md and plots/*.png; see
+`lfm_tf/benchmark_grid.py`.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from lfm_tf import benchmark_grid
+from pipelines import flags as flags_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_grid_flags(flag_values=FLAGS):
+    """The grid flags (idempotent)."""
+    if "grid_methods" in flag_values:
+        return
+    flags.DEFINE_list(
+        "grid_methods", [],
+        "Methods or variants: name, or name:field=value;field=value.",
+        flag_values=flag_values)
+    flags.DEFINE_list(
+        "grid_settings", [],
+        "Settings: name:field=value;field=value (e.g. "
+        "if100:imbalance_factor=100).", flag_values=flag_values)
+    flags.DEFINE_list("grid_seeds", ["0"], "Seeds of every cell.",
+                      flag_values=flag_values)
+    flags.DEFINE_bool(
+        "grid_report_only", False,
+        "Write results.csv/.md and plots from the finished cells; train "
+        "nothing.", flag_values=flag_values)
+    flags.DEFINE_string("grid_title", "Benchmark grid",
+                        "Title of results.md.", flag_values=flag_values)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        base = flags_lib.config_from_flags()
+        grid = benchmark_grid.parse_grid(
+            FLAGS.grid_methods, FLAGS.grid_settings, FLAGS.grid_seeds, base)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
+                 len(grid.methods), len(grid.settings), len(grid.seeds),
+                 len(grid.cells()))
+    if not FLAGS.grid_report_only:
+        results = benchmark_grid.run_grid(grid, base, FLAGS.workdir)
+        counts = {s: sum(r.status == s for r in results)
+                  for s in ("done", "skipped", "failed")}
+        print(f"Cells: {counts['done']} trained, {counts['skipped']} "
+              f"skipped (finished before), {counts['failed']} failed.")
+    report = benchmark_grid.write_report(grid, FLAGS.workdir,
+                                         title=FLAGS.grid_title)
+    with open(report["markdown"]) as f:
+        print(f.read())
+    print(f"Report written to {os.path.abspath(FLAGS.workdir)}: results.csv, "
+          f"results.md, {len(report['plots'])} plots in plots/")
+
+
+if __name__ == "__main__":
+    flags_lib.define_flags()
+    define_grid_flags()
+    flags.mark_flag_as_required("workdir")
+    app.run(main)

@@ -1,0 +1,210 @@
+"""pipelines.benchmark: a tiny grid end to end, resume, report, bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+
+from lfm_tf import benchmark_grid
+from lfm_tf import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.benchmark", *args], cwd=REPO,
+        capture_output=True, text=True, timeout=600, check=False)
+
+
+class SmokeGridTest(unittest.TestCase):
+    """configs/benchmark/smoke.flags: 2 methods x 1 setting x 1 seed."""
+
+    def test_writes_every_output_and_resume_skips_finished_cells(self):
+        with tempfile.TemporaryDirectory() as workdir:
+            first = _run("--flagfile=configs/benchmark/smoke.flags",
+                         "--steps_per_epoch=1", f"--workdir={workdir}")
+            self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+            self.assertIn("Cells: 2 trained, 0 skipped", first.stdout)
+            cells = [os.path.join(workdir, "runs", "uniform40", m, "seed_0")
+                     for m in ("erm", "lfm")]
+            for cell in cells:
+                for name in ("metrics.json", "cell.json", "splits.npz",
+                             "test_predictions.npz",
+                             "saved_model/saved_model.pb"):
+                    self.assertTrue(
+                        os.path.exists(os.path.join(cell, name)),
+                        f"{cell}/{name}")
+            # Only LFM learns a weight per training example.
+            self.assertTrue(os.path.exists(
+                os.path.join(cells[1], "example_weights.npz")))
+            self.assertFalse(os.path.exists(
+                os.path.join(cells[0], "example_weights.npz")))
+            with np.load(os.path.join(cells[1], "example_weights.npz")) as b:
+                self.assertEqual(b["weights"].shape, b["is_corrupted"].shape)
+            with np.load(os.path.join(cells[0],
+                                      "test_predictions.npz")) as saved:
+                with open(os.path.join(cells[0], "metrics.json")) as f:
+                    accuracy = json.load(f)["test_accuracy"]
+                self.assertAlmostEqual(
+                    float(np.mean(saved["labels"] == saved["predictions"])),
+                    accuracy)
+
+            with open(os.path.join(workdir, "results.csv")) as f:
+                rows = list(csv.DictReader(f))
+            self.assertEqual([(r["method"], r["setting"], r["status"])
+                              for r in rows],
+                             [("erm", "uniform40", "done"),
+                              ("lfm", "uniform40", "done")])
+            for row in rows:
+                self.assertGreater(float(row["wall_time_s"]), 0)
+                self.assertTrue(0 <= float(row["test_accuracy"]) <= 1)
+            with open(os.path.join(workdir, "results.md")) as f:
+                markdown = f.read()
+            self.assertIn("| method | uniform40 |", markdown)
+            self.assertIn("**", markdown)
+            self.assertIn("Machine: ", markdown)
+            plots = sorted(os.listdir(os.path.join(workdir, "plots")))
+            self.assertEqual(plots, [
+                "accuracy.png", "confusion_uniform40.png",
+                "example_weights_uniform40.png", "per_class_accuracy.png"])
+            import matplotlib  # pylint: disable=g-import-not-at-top
+            matplotlib.use("Agg")
+            import matplotlib.image  # pylint: disable=g-import-not-at-top
+            for name in plots:
+                path = os.path.join(workdir, "plots", name)
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(8), PNG_SIGNATURE, name)
+                image = matplotlib.image.imread(path)
+                self.assertEqual(image.ndim, 3, name)
+                self.assertGreater(min(image.shape[:2]), 100, name)
+
+            stamps = {c: os.stat(os.path.join(c, "metrics.json")).st_mtime_ns
+                      for c in cells}
+            second = _run("--flagfile=configs/benchmark/smoke.flags",
+                          "--steps_per_epoch=1", f"--workdir={workdir}")
+            self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+            self.assertIn("Cells: 0 trained, 2 skipped", second.stdout)
+            for cell, stamp in stamps.items():
+                self.assertEqual(
+                    os.stat(os.path.join(cell, "metrics.json")).st_mtime_ns,
+                    stamp, f"{cell} was retrained")
+
+
+def _rows(accuracies, setting="s"):
+    """Report rows of finished runs: {method: [test accuracy per seed]}."""
+    return [dict(setting=setting, method=method, seed=seed, status="done",
+                 test_accuracy=value, wall_time_s=1.0, workdir="x")
+            for method, values in accuracies.items()
+            for seed, value in enumerate(values)]
+
+
+class ReportTest(unittest.TestCase):
+
+    def setUp(self):
+        self.grid = benchmark_grid.parse_grid(
+            ["erm", "mwnet", "lfm"], ["s:noise_type=uniform;noise_rate=0.4"],
+            ["0", "1"])
+
+    def test_markdown_bolds_only_the_best_mean_with_std(self):
+        rows = _rows({"erm": [0.70, 0.72], "mwnet": [0.80, 0.84],
+                      "lfm": [0.78, 0.79]})
+        markdown = benchmark_grid.results_markdown(self.grid, rows, "box")
+        self.assertIn("| mwnet | **82.00 ± 2.83** (2) |", markdown)
+        self.assertIn("| erm | 71.00 ± 1.41 (2) |", markdown)
+        self.assertIn("| lfm | 78.50 ± 0.71 (2) |", markdown)
+        self.assertEqual(markdown.count("**"), 2 + 2)  # Legend + one cell.
+        self.assertIn("Machine: box.", markdown)
+
+    def test_failed_cell_is_recorded_and_the_grid_goes_on(self):
+        calls = []
+
+        def train(config, workdir):
+            calls.append(config.method.method)
+            if config.method.method == "mwnet":
+                raise RuntimeError("diverged")
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                json.dump({"test_accuracy": 0.5}, f)
+
+        with tempfile.TemporaryDirectory() as workdir:
+            base = config_lib.ExperimentConfig()
+            results = benchmark_grid.run_grid(self.grid, base, workdir, train)
+            self.assertEqual([r.status for r in results],
+                             ["done", "failed", "done"] * 2)
+            self.assertIn("RuntimeError: diverged", results[1].error)
+            again = benchmark_grid.run_grid(self.grid, base, workdir, train)
+            # Finished cells are skipped; the failed ones are tried again.
+            self.assertEqual([r.status for r in again],
+                             ["skipped", "failed", "skipped"] * 2)
+            self.assertEqual(calls.count("erm"), 2)
+            self.assertEqual(calls.count("mwnet"), 4)
+            rows = benchmark_grid.collect_rows(self.grid, workdir)
+            markdown = benchmark_grid.results_markdown(self.grid, rows, "box")
+            self.assertIn("4 done, 2 failed, 0 pending", markdown)
+            self.assertIn("RuntimeError: diverged", markdown)
+
+
+class GridEntryTest(unittest.TestCase):
+
+    def test_variants_and_settings_parse_to_typed_overrides(self):
+        method = benchmark_grid.parse_entry(
+            "method", "lfm_ps:method=lfm;encoder=shared;use_mistakes=false")
+        self.assertEqual(method.overrides, (
+            ("method", "lfm"), ("encoder", "shared"),
+            ("use_mistakes", False)))
+        self.assertEqual(benchmark_grid.parse_entry("method", "erm")
+                         .overrides, (("method", "erm"),))
+        setting = benchmark_grid.parse_entry(
+            "setting", "flip40:noise_type=flip;noise_rate=0.4")
+        self.assertEqual(setting.overrides,
+                         (("noise_type", "flip"), ("noise_rate", 0.4)))
+
+    def test_bad_entries_name_the_value_and_the_fix(self):
+        cases = [
+            ("method", "magic", "'magic' is not a method"),
+            ("method", "v:nosuchflag=1", "'nosuchflag' is not a config"),
+            ("setting", "if100", "at least one field=value"),
+            ("setting", "if100:imbalance_factor=big",
+             "'big' is not a valid float"),
+            ("setting", "x:method=lfm", "may not choose the method"),
+        ]
+        for kind, text, problem in cases:
+            with self.assertRaises(ValueError) as caught:
+                benchmark_grid.parse_entry(kind, text)
+            message = str(caught.exception)
+            self.assertIn(repr(text), message)
+            self.assertIn(problem, message)
+            self.assertIn(f"fix the entry in --grid_{kind}s", message)
+
+    def test_invalid_cell_config_fails_before_any_training(self):
+        with self.assertRaises(ValueError) as caught:
+            benchmark_grid.parse_grid(
+                ["erm"], ["bad:noise_type=uniform;noise_rate=1.5"], ["0"])
+        self.assertIn("noise_rate=1.5", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            benchmark_grid.parse_grid(["erm", "erm"], ["s:noise_rate=0"],
+                                      ["0"])
+        self.assertIn("repeated names ['erm']", str(caught.exception))
+
+    def test_command_line_bad_entry_writes_nothing(self):
+        with tempfile.TemporaryDirectory() as parent:
+            workdir = os.path.join(parent, "never")
+            result = _run("--flagfile=configs/benchmark/smoke.flags",
+                          "--grid_methods=erm,lfm_typo:encoder=shared",
+                          f"--workdir={workdir}")
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn("'lfm_typo:encoder=shared'", result.stderr)
+            self.assertIn("fix the entry in --grid_methods", result.stderr)
+            self.assertFalse(os.path.exists(workdir))
+
+
+if __name__ == "__main__":
+    unittest.main()

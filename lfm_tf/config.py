@@ -447,6 +447,9 @@ class SearchConfig:
       pdarts_skip_dropout: skip-connect dropout rate per stage (0,0.4,0.7
         for CIFAR-10, the paper and author).
       pdarts_max_skips: skip-connects allowed in the final normal cell (2).
+      eval_flagfile: the evaluation protocol the printed training command
+        uses (DARTS': 600 epochs, 36 channels, 20 cells, auxiliary head,
+        cutout, drop path).
     """
 
     search_channels: int = 16
@@ -465,6 +468,7 @@ class SearchConfig:
     pdarts_num_to_keep: str = "5,3,1"
     pdarts_skip_dropout: str = "0.0,0.4,0.7"
     pdarts_max_skips: int = 2
+    eval_flagfile: str = "configs/train/darts_eval_cifar10.flags"
 
     @property
     def primitives(self):

@@ -73,9 +73,21 @@ class MethodModel(keras.Model):
     def learner_losses(self, images, labels, training=True):
         """Per-example CE of W1 (called normally, so BN statistics update).
 
+        A derived NAS network with an auxiliary head adds its weighted CE in
+        training (DARTS' evaluation protocol).
+
         Returns:
           (losses float [B], logits float [B, C]).
         """
+        auxiliary_weight = getattr(self.classifier, "auxiliary_weight", 0.0)
+        if training and auxiliary_weight:
+            logits, auxiliary = self.classifier.logits_and_auxiliary(
+                images, training=True)
+            losses = mistake_weighting.per_example_cross_entropy(
+                labels, logits) + auxiliary_weight * (
+                    mistake_weighting.per_example_cross_entropy(
+                        labels, auxiliary))
+            return losses, logits
         logits = self.classifier(images, training=training)
         return mistake_weighting.per_example_cross_entropy(labels, logits), logits
 

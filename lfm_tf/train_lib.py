@@ -28,9 +28,12 @@ from absl import logging
 
 from lfm_tf import callbacks as callbacks_lib
 from lfm_tf import checkpointing
+from lfm_tf import config as config_lib
 from lfm_tf import distribute
 from lfm_tf import export
 from lfm_tf import fileio
+from lfm_tf.nas import derived_network
+from lfm_tf.nas import genotypes
 from lfm_tf.data import pipeline
 from lfm_tf.data import sources
 from lfm_tf.data import splits as splits_lib
@@ -109,6 +112,12 @@ def _test_set(source, splits):
 def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
     """Runs one experiment end to end and returns its metrics dict."""
     config.validate()
+    if config.method.method in config_lib.SEARCH_METHODS:
+        raise ValueError(
+            f"Received method={config.method.method!r}, an architecture "
+            "search; run it with `python -m pipelines.search`, then train "
+            "its genotype here with --genotype=<workdir>/genotype.json."
+        )
     # First: multi-worker collectives must be configured before TF runs ops.
     strategy = distribute.make_strategy(config.train.strategy,
                                         config.train.tpu)
@@ -151,6 +160,7 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
         selection,
         *callbacks_lib.weight_diagnostics(model, data["splits"]),
+        *_drop_path(model, config),
         *extra_callbacks,
         backup,  # Last: its epoch-end checkpoint records the selection.
     ]
@@ -169,7 +179,7 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         )
     history = types.SimpleNamespace(history=backup.history)
     model.load_weights(checkpoint)
-    metrics = _final_metrics(model, data, history)
+    metrics = _final_metrics(model, data, history, workdir)
     fileio.write_text(
         os.path.join(workdir, "metrics.json"),
         json.dumps(metrics, indent=2, sort_keys=True),
@@ -181,6 +191,14 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         metrics["best_val_accuracy"], workdir,
     )
     return metrics
+
+
+def _drop_path(model, config):
+    """DARTS' linear drop-path ramp for a searched cell's network."""
+    if not (config.model.genotype and config.model.drop_path_rate):
+        return []
+    return [derived_network.DropPathSchedule(
+        model.classifier, config.model.drop_path_rate, config.train.epochs)]
 
 
 @contextlib.contextmanager
@@ -266,8 +284,14 @@ def _check_resumable(config, workdir, resume):
         )
 
 
-def _final_metrics(model, data, history):
-    """Validation history, one test pass, per-class test accuracy."""
+def _final_metrics(model, data, history, workdir=None):
+    """Validation history, one test pass, per-class test accuracy.
+
+    With `workdir`, that one pass's labels and predictions also go to
+    `test_predictions.npz` (and learned per-example weights, where the
+    method has them, to `example_weights.npz`), so reports such as
+    `pipelines.benchmark` never read the test set again.
+    """
     val_curve = [float(v) for v in history.history.get("val_accuracy", [])]
     logits = model.predict(data["test"], verbose=0)
     predictions = np.argmax(logits, axis=1)
@@ -290,7 +314,40 @@ def _final_metrics(model, data, history):
         "train_noise_rate": float(np.mean(data["splits"].is_corrupted)),
     }
     metrics.update(callbacks_lib.final_weight_summary(model, data["splits"]))
+    if workdir is not None:
+        _write_npz(os.path.join(workdir, "test_predictions.npz"),
+                   labels=np.asarray(labels), predictions=predictions)
+        weights = _example_weights(model)
+        if weights is not None:
+            _write_npz(os.path.join(workdir, "example_weights.npz"),
+                       weights=weights,
+                       train_labels=data["splits"].train_labels,
+                       is_corrupted=data["splits"].is_corrupted)
     return metrics
+
+
+def _example_weights(model):
+    """Learned per-example weights by training position, or None.
+
+    LFM's B is a table; the penalty method keeps logits u and exposes
+    a = example_weights(index). Methods whose weights are a function of
+    the loss (MW-Net, L2RW) have no per-example table and give None.
+    """
+    table = getattr(model, "example_weight_table", None)
+    if table is not None:
+        return np.asarray(table.values.numpy(), dtype=np.float32)
+    logits = getattr(model, "example_weight_logits", None)
+    if logits is not None and hasattr(model, "example_weights"):
+        index = tf.range(tf.shape(logits)[0])
+        return np.asarray(model.example_weights(index), dtype=np.float32)
+    return None
+
+
+def _write_npz(path, **arrays):
+    """`np.savez` to a temporary file, then a rename (never half written)."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _write_classifier(model, config, data, workdir):
@@ -305,7 +362,7 @@ def _write_classifier(model, config, data, workdir):
         "preprocessing": data["preprocessing"].to_dict(),
         "architecture": {
             "kind": "backbone",
-            "model": dict(vars(config.model)),
+            "model": _exportable_model_config(config.model),
         },
     }
     fileio.write_text(
@@ -321,6 +378,15 @@ def _write_classifier(model, config, data, workdir):
         input_shape=facts.input_shape,
         warmup_images=warmup,
     )
+
+
+def _exportable_model_config(model_config):
+    """The model config with a searched cell inlined as JSON text, so the
+    export needs no genotype file from the search's machine."""
+    values = dict(vars(model_config))
+    if model_config.genotype:
+        values["genotype"] = genotypes.load(model_config.genotype).to_json()
+    return values
 
 
 def evaluated_classifier(model, config, facts):

@@ -505,48 +505,26 @@ class ExportForServingTest(tf.test.TestCase):
                                                      export.WARMUP_FILE)))
         self.assertTrue(os.path.exists(os.path.join(path, "saved_model.pb")))
 
-    def test_genotype_classifier_is_rebuilt_from_its_fields(self):
-        # lfm_tf.nas stand-ins that record how the network is built.
-        built = {}
+    def test_searched_cell_is_rebuilt_from_its_inlined_genotype(self):
+        # pylint: disable=g-import-not-at-top
+        from lfm_tf.nas import genotypes
 
-        class Genotype:
-            @staticmethod
-            def from_json(value):
-                built["genotype_json"] = value
-                return "parsed-genotype"
-
-        def network_cifar(**kwargs):
-            built.update(kwargs)
-            return _classifier(seed=5)
-
-        genotypes = type(sys)("lfm_tf.nas.genotypes")
-        genotypes.Genotype = Genotype
-        network = type(sys)("lfm_tf.nas.network")
-        network.NetworkCifar = network_cifar
-        nas = type(sys)("lfm_tf.nas")
-        nas.genotypes, nas.network = genotypes, network
+        model = dict(MODEL, genotype=genotypes.PDARTS.to_json(), cells=3,
+                     auxiliary_weight=0.4, drop_path_rate=0.2)
+        keras.utils.set_random_seed(6)
+        trained = backbones.build_backbone(
+            config_lib.ModelConfig(**model), len(NAMES), (SIDE, SIDE, 3))
         workdir = os.path.join(self.get_temp_dir(), "nas")
         os.makedirs(workdir)
-        trained = _classifier(seed=6)
         trained.save_weights(os.path.join(workdir, "classifier.weights.h5"))
-        genotype_json = {"normal": [["sep_conv_3x3", 0]], "normal_concat": [2]}
         with open(os.path.join(workdir, "export_info.json"), "w") as f:
             json.dump({"model_name": "pdarts", "class_names": NAMES,
                        "input_shape": [SIDE, SIDE, 3],
                        "preprocessing": PREP.to_dict(),
-                       "architecture": {"kind": "genotype",
-                                        "genotype": genotype_json,
-                                        "init_channels": 16,
-                                        "num_layers": 8,
-                                        "auxiliary": True}}, f)
-        with mock.patch.dict(sys.modules, {
-                "lfm_tf.nas": nas, "lfm_tf.nas.genotypes": genotypes,
-                "lfm_tf.nas.network": network}):
-            classifier, _ = export.load_classifier(workdir)
-        self.assertEqual(built, {
-            "genotype_json": genotype_json, "genotype": "parsed-genotype",
-            "init_channels": 16, "num_classes": 3, "num_layers": 8,
-            "auxiliary": True})
+                       "architecture": {"kind": "backbone",
+                                        "model": model}}, f)
+        classifier, _ = export.load_classifier(workdir)
+        self.assertEqual(classifier.trunk.genotype, genotypes.PDARTS)
         images = _images(2)
         self.assertAllClose(_keras_probabilities(classifier, images),
                             _keras_probabilities(trained, images))

@@ -242,6 +242,14 @@ def _stream_seeds(seed):
     return [int(s) & 0x7FFFFFFF for s in state]
 
 
+def _permutation(count, pass_seed, stream_seed):
+    """A uniform permutation of range(count), int64 [count], stateless."""
+    seed = tf.stack([tf.cast(pass_seed, tf.int64),
+                     tf.constant(int(stream_seed), tf.int64)])
+    keys = tf.random.stateless_uniform([count], seed=seed)
+    return tf.cast(tf.argsort(keys), tf.int64)
+
+
 def _stream(images, columns, batch_size, shuffle_seed, augment_seed,
             config, preprocessing, repeat):
     """Batches of gathered, augmented, normalised examples.
@@ -265,10 +273,19 @@ def _stream(images, columns, batch_size, shuffle_seed, augment_seed,
     count = len(images)
     # Shuffling int positions is cheap enough for a full-size buffer: a
     # true uniform permutation, unlike a 10k-image buffer.
-    order = tf.data.Dataset.range(count).shuffle(
-        count, seed=shuffle_seed, reshuffle_each_iteration=True)
     if repeat:
-        order = order.repeat()
+        # One seed per pass, drawn in order: `shuffle(...).repeat()` would
+        # take each pass's seed from a generator that read-ahead (the zip
+        # and prefetch) advances at racy times, so a resumed stream could
+        # see other meta batches.
+        pass_seeds = tf.data.Dataset.random(
+            seed=shuffle_seed, rerandomize_each_iteration=True)
+        order = pass_seeds.flat_map(
+            lambda pass_seed: tf.data.Dataset.from_tensor_slices(
+                _permutation(count, pass_seed, shuffle_seed)))
+    else:
+        order = tf.data.Dataset.range(count).shuffle(
+            count, seed=shuffle_seed, reshuffle_each_iteration=True)
     order = order.batch(batch_size, drop_remainder=True)
     seeds = tf.data.Dataset.random(
         seed=augment_seed, rerandomize_each_iteration=True).batch(2)

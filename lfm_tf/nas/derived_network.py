@@ -166,16 +166,12 @@ class DerivedNetwork(keras.layers.Layer):
         self.stem_norm = operations.batch_norm(True, name="stem_bn")
         self.reductions = search_network.reduction_positions(self.layers)
         self.auxiliary_position = 2 * self.layers // 3
-        self.cells = []
-        c_curr, reduction_prev = self.channels, False
-        for i in range(self.layers):
-            reduction = i in self.reductions
-            if reduction:
-                c_curr *= 2
-            self.cells.append(DerivedCell(genotype, c_curr, reduction,
-                                          reduction_prev, self.drop_path,
-                                          name=f"cell_{i}"))
-            reduction_prev = reduction
+        self.cells = [
+            DerivedCell(genotype, c_curr, reduction, reduction_prev,
+                        self.drop_path, name=f"cell_{i}")
+            for i, (c_curr, reduction, reduction_prev) in enumerate(
+                search_network.cell_plan(self.channels, self.layers))
+        ]
         self.feature_dim = self.cells[-1].output_channels
         self.auxiliary_head = (
             AuxiliaryHead(auxiliary_classes, name="auxiliary_head")

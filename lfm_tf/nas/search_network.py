@@ -31,6 +31,21 @@ def reduction_positions(layers: int) -> Tuple[int, ...]:
     return tuple(sorted({layers // 3, 2 * layers // 3}))
 
 
+def cell_plan(channels, layers):
+    """(C, reduction, reduction_prev) per cell: C doubles at each reduction
+    cell (layers//3 and 2*layers//3), and the cell after one gets s0 at
+    twice its resolution."""
+    plan, c_curr, reduction_prev = [], int(channels), False
+    reductions = reduction_positions(layers)
+    for i in range(layers):
+        reduction = i in reductions
+        if reduction:
+            c_curr *= 2
+        plan.append((c_curr, reduction, reduction_prev))
+        reduction_prev = reduction
+    return plan
+
+
 @keras.saving.register_keras_serializable(package="lfm_tf")
 class MixedOp(keras.layers.Layer):
     """sum_k p_k op_k(x) over one edge's candidate ops.
@@ -214,19 +229,15 @@ class SearchNetwork(keras.layers.Layer):
         )
         self.stem_norm = operations.batch_norm(True, name="stem_bn")
         self.reductions = reduction_positions(self.layers)
-        self.cells = []
-        c_curr, reduction_prev = self.channels, False
-        for i in range(self.layers):
-            reduction = i in self.reductions
-            if reduction:
-                c_curr *= 2
-            self.cells.append(SearchCell(
-                c_curr, reduction, reduction_prev,
-                self.reduce_ops if reduction else self.normal_ops,
-                self.steps, self.multiplier, self.skip_dropout,
-                name=f"cell_{i}"))
-            reduction_prev = reduction
-        self.feature_dim = self.multiplier * c_curr
+        self.cells = [
+            SearchCell(c_curr, reduction, reduction_prev,
+                       self.reduce_ops if reduction else self.normal_ops,
+                       self.steps, self.multiplier, self.skip_dropout,
+                       name=f"cell_{i}")
+            for i, (c_curr, reduction, reduction_prev) in enumerate(
+                cell_plan(self.channels, self.layers))
+        ]
+        self.feature_dim = self.multiplier * self.cells[-1].filters
 
     def build(self, input_shape):
         # Weights depend on channels only: spatial sizes stay unknown so

@@ -206,5 +206,37 @@ class GridEntryTest(unittest.TestCase):
             self.assertFalse(os.path.exists(workdir))
 
 
+class ShippedGridsTest(unittest.TestCase):
+    """Every configs/benchmark/*.flags parses into a grid of valid cells."""
+
+    def test_every_grid_flagfile_parses(self):
+        from absl import flags  # pylint: disable=g-import-not-at-top
+        from pipelines import benchmark  # pylint: disable=g-import-not-at-top
+        from pipelines import flags as flags_lib  # pylint: disable=g-import-not-at-top
+        paths = sorted(
+            os.path.join("configs", "benchmark", name)
+            for name in os.listdir(os.path.join(REPO, "configs", "benchmark"))
+            if name.endswith(".flags"))
+        self.assertIn(os.path.join("configs", "benchmark", "cpu_ablation.flags"),
+                      paths)
+        for path in paths:
+            with self.subTest(path=path):
+                values = flags.FlagValues()
+                flags_lib.define_flags(values)
+                benchmark.define_grid_flags(values)
+                cwd = os.getcwd()
+                os.chdir(REPO)
+                try:
+                    values(["prog", f"--flagfile={path}"])
+                finally:
+                    os.chdir(cwd)
+                base = flags_lib.config_from_flags(values=values)
+                # parse_grid validates every cell's config.
+                grid = benchmark_grid.parse_grid(
+                    values.grid_methods, values.grid_settings,
+                    values.grid_seeds, base)
+                self.assertGreater(len(grid.cells()), 0)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -225,6 +225,55 @@ def derive_cell(probabilities: np.ndarray,
     return edges
 
 
+def random_genotype(seed: int, steps: int = 4,
+                    primitives: Sequence[str] = operations.PRIMITIVES,
+                    multiplier=None) -> Genotype:
+    """A cell drawn at random from the search space (DARTS' random baseline).
+
+    DARTS' sampling rule, for the normal and the reduction cell alike:
+    every intermediate node takes 2 distinct earlier states as inputs, each
+    through an op drawn uniformly from the non-`none` primitives. Pure: the
+    same arguments give the same genotype.
+
+    Args:
+      seed: the draw's seed.
+      steps: intermediate nodes per cell, as in the searched space.
+      primitives: the searched space's candidate ops (`none` is never drawn:
+        the parse never keeps it).
+      multiplier: the last `multiplier` nodes (default: all) are
+        concatenated, as `derive` does.
+
+    Returns:
+      a `Genotype`.
+
+    Raises:
+      ValueError: no op besides `none`, or fewer than one node.
+    """
+    ops = [op for op in primitives if op != "none"]
+    if not ops or steps < 1:
+        raise ValueError(
+            f"Received primitives={list(primitives)} and steps={steps}; "
+            "expected at least one op besides none and one node, e.g. "
+            "--search_primitives=none,max_pool_3x3,skip_connect,sep_conv_3x3."
+        )
+    rng = np.random.default_rng(seed)
+
+    def cell():
+        edges = []
+        for node in range(steps):
+            # Node i sees c_{k-2}, c_{k-1} and nodes 0..i-1: i + 2 states.
+            inputs = rng.choice(node + 2, size=2, replace=False)
+            edges.extend((ops[int(rng.integers(len(ops)))], int(j))
+                         for j in inputs)
+        return tuple(edges)
+
+    multiplier = multiplier or steps
+    concat = tuple(range(2 + steps - multiplier, steps + 2))
+    normal = cell()
+    return Genotype(normal=normal, normal_concat=concat, reduce=cell(),
+                    reduce_concat=concat)
+
+
 def derive(normal_probabilities, reduce_probabilities, normal_ops,
            reduce_ops, steps=4, multiplier=None) -> Genotype:
     """The genotype of softmaxed architecture logits (DARTS' parse); the

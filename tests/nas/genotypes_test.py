@@ -76,6 +76,54 @@ class DartsDerivationTest(tf.test.TestCase):
             genotypes.Genotype.from_dict({"normal": []})
 
 
+class RandomGenotypeTest(tf.test.TestCase):
+
+    OPS = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+
+    def test_same_seed_same_cell_other_seeds_differ(self):
+        first = genotypes.random_genotype(3, steps=3, primitives=self.OPS)
+        self.assertEqual(
+            genotypes.random_genotype(3, steps=3, primitives=self.OPS), first)
+        others = {genotypes.random_genotype(s, steps=3, primitives=self.OPS)
+                  for s in range(8)}
+        self.assertGreater(len(others), 1)
+
+    def test_darts_sampling_rule(self):
+        for seed in range(20):
+            genotype = genotypes.random_genotype(seed, steps=4,
+                                                 primitives=self.OPS)
+            self.assertEqual(genotype.steps, 4)
+            self.assertEqual(genotype.normal_concat, (2, 3, 4, 5))
+            self.assertEqual(genotype.reduce_concat, (2, 3, 4, 5))
+            for edges in (genotype.normal, genotype.reduce):
+                for node in range(4):
+                    (op_a, a), (op_b, b) = edges[2 * node:2 * node + 2]
+                    self.assertNotEqual(a, b)  # Two distinct inputs.
+                    self.assertLess(max(a, b), node + 2)  # Earlier states.
+                    self.assertNotIn("none", (op_a, op_b))
+                    self.assertIn(op_a, self.OPS)
+                    self.assertIn(op_b, self.OPS)
+
+    def test_every_op_and_input_is_drawn(self):
+        drawn = [genotypes.random_genotype(s, steps=2, primitives=self.OPS)
+                 for s in range(30)]
+        ops = {op for g in drawn for op, _ in g.normal + g.reduce}
+        self.assertEqual(ops, set(self.OPS[1:]))
+        last_node_inputs = {j for g in drawn for _, j in g.normal[2:]}
+        self.assertEqual(last_node_inputs, {0, 1, 2})
+
+    def test_loads_through_the_genotype_json_path(self):
+        genotype = genotypes.random_genotype(1)
+        with tempfile.TemporaryDirectory() as directory:
+            genotype.save(os.path.join(directory, "genotype.json"))
+            self.assertEqual(genotypes.load(directory), genotype)
+        self.assertEqual(genotypes.load(genotype.to_json()), genotype)
+
+    def test_space_without_ops_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "besides none"):
+            genotypes.random_genotype(0, primitives=("none",))
+
+
 class PdartsTest(tf.test.TestCase):
 
     def test_skip_dropout_schedule(self):

@@ -22,11 +22,12 @@ written as JSON.
 import json
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from benchmarks import harness
 
 flags.DEFINE_list("methods", "erm,mwnet,lfm", "Methods to measure.")
 flags.DEFINE_integer("max_replicas", None,
@@ -91,33 +92,9 @@ def _run_one(method, replicas):
     with strategy.scope():
         model = factory.compile_method(
             factory.build_method(config, facts), config)
-    rng = np.random.default_rng(0)
-
-    def part(n, index_range):
-        return {
-            "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, n).astype(np.int32),
-            # Distinct ids, as a shuffled epoch gives.
-            "index": rng.permutation(index_range)[:n].astype(np.int32),
-        }
-
-    train = part(batch, num_train)
-    train["clean_label"] = train["label"]
-    element = {"train": train, "meta": part(batch, num_meta)}
-    total = 1 + FLAGS.warmup_steps + FLAGS.steps
-    dataset = tf.data.Dataset.from_tensors(element).repeat(total)
-    ends = []
-
-    class Timer(keras.callbacks.Callback):
-
-        def on_train_batch_end(self, batch_index, logs=None):
-            float(logs["loss"])  # Waits for the step to finish.
-            ends.append(time.perf_counter())
-
-    model.fit(dataset, epochs=1, steps_per_epoch=total, verbose=0,
-              callbacks=[Timer()])
-    timed = ends[-FLAGS.steps - 1:]
-    seconds = (timed[-1] - timed[0]) / FLAGS.steps
+    element = harness.synthetic_element(size, batch, num_train, num_meta)
+    seconds = harness.timed_fit(model, element, FLAGS.warmup_steps,
+                                FLAGS.steps)["step_s"]
     return {
         "method": method, "replicas": replicas, "global_batch": batch,
         "devices": devices, "seconds_per_step": seconds,

@@ -11,15 +11,10 @@ the allocator's peak, on the CPU the process's peak RSS above its RSS just
 before training (model and data built). Runs unchanged on a GPU machine.
 """
 
-import json
-import os
-import resource
-import subprocess
-import sys
-import time
-
 from absl import app
 from absl import flags
+
+from benchmarks import harness
 
 flags.DEFINE_string("backbone", "resnet32", "Classifier backbone.")
 flags.DEFINE_integer("width", 16, "small_cnn width / WRN widen factor.")
@@ -63,24 +58,19 @@ _ROWS = {
 }
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+_SHARED = ("backbone", "width", "image_size", "batch_size", "steps",
+           "warmup_steps", "encoder")
 
 
 def _run_one(name):
-    import keras  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    import keras
+    import numpy as np
 
-    from lfm_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-    from lfm_tf.methods import factory  # pylint: disable=g-import-not-at-top
+    from lfm_tf import config as config_lib
+    from lfm_tf.methods import factory
+    # pylint: enable=g-import-not-at-top
 
-    gpus = tf.config.list_physical_devices("GPU")
     size, batch = FLAGS.image_size, FLAGS.batch_size
     overrides = dict(backbone=FLAGS.backbone, width=FLAGS.width,
                      batch_size=batch, meta_batch_size=batch,
@@ -95,85 +85,32 @@ def _run_one(name):
     )
     keras.utils.set_random_seed(0)
     model = factory.compile_method(factory.build_method(config, facts), config)
-    rng = np.random.default_rng(0)
-
-    def part(n, index_range):
-        return {
-            "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, n).astype(np.int32),
-            "index": rng.integers(0, index_range, n).astype(np.int32),
-        }
-
-    train = part(batch, num_train)
-    train["clean_label"] = train["label"]
-    element = {"train": train, "meta": part(batch, num_meta)}
-    total = 1 + FLAGS.warmup_steps + FLAGS.steps
-    dataset = tf.data.Dataset.from_tensors(element).repeat(total)
-
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch_index, logs=None):
-            times.append([time.perf_counter()])
-
-        def on_train_batch_end(self, batch_index, logs=None):
-            float(logs["loss"])  # Waits for the step to finish.
-            times[-1].append(time.perf_counter())
-
-    if gpus:
-        tf.config.experimental.reset_memory_stats("GPU:0")
-    rss_before = _rss_bytes()
-    model.fit(dataset, epochs=1, steps_per_epoch=total, verbose=0,
-              callbacks=[Timer()])
-    steady = [end - start for start, end in times[1 + FLAGS.warmup_steps:]]
-    if gpus:
-        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
-    else:
-        peak = _peak_rss_bytes() - rss_before
-    return {
-        "name": name,
-        "device": "GPU" if gpus else "CPU",
-        "first_step_s": times[0][1] - times[0][0],
-        "step_s": float(np.mean(steady)),
-        "step_s_std": float(np.std(steady)),
-        "peak_memory_mb": peak / 2 ** 20,
-    }
+    element = harness.synthetic_element(size, batch, num_train, num_meta)
+    result = harness.timed_fit(model, element, FLAGS.warmup_steps,
+                               FLAGS.steps)
+    return dict(result, name=name)
 
 
 def main(argv):
     del argv
     if FLAGS.run_one:
-        print("RESULT " + json.dumps(_run_one(FLAGS.run_one)))
+        harness.emit(_run_one(FLAGS.run_one))
         return
-    results = []
-    for name in FLAGS.configs:
-        if name not in _ROWS:
-            raise app.UsageError(f"Unknown row {name!r}; expected {list(_ROWS)}")
-        args = [sys.executable, "-m", "benchmarks.step_time",
-                f"--run_one={name}"] + [
-                    f"--{f}={FLAGS[f].value}" for f in
-                    ("backbone", "width", "image_size", "batch_size", "steps",
-                     "warmup_steps", "encoder")]
-        out = subprocess.run(args, capture_output=True, text=True, check=False)
-        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if not lines:
-            raise RuntimeError(f"{name} failed:\n{out.stderr[-4000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"done: {results[-1]}", file=sys.stderr, flush=True)
+    unknown = [name for name in FLAGS.configs if name not in _ROWS]
+    if unknown:
+        raise app.UsageError(
+            f"Unknown --configs rows {unknown}; expected some of "
+            f"{list(_ROWS)}.")
+    results = harness.run_rows(
+        "benchmarks.step_time", FLAGS.configs,
+        [f"--{f}={FLAGS[f].value}" for f in _SHARED])
     erm = next((r for r in results if r["name"] == "erm"), results[0])
     print(f"backbone={FLAGS.backbone} image={FLAGS.image_size} "
           f"batch={FLAGS.batch_size} device={erm['device']} "
           f"(ratios to {erm['name']})")
-    print(f"{'method':28s} {'first step s':>12s} {'step ms':>9s} "
-          f"{'x ERM':>6s} {'peak MB':>9s} {'x ERM':>6s}")
-    for r in results:
-        print(f"{r['name']:28s} {r['first_step_s']:12.1f} "
-              f"{1000 * r['step_s']:9.1f} {r['step_s'] / erm['step_s']:6.2f} "
-              f"{r['peak_memory_mb']:9.0f} "
-              f"{r['peak_memory_mb'] / max(erm['peak_memory_mb'], 1e-9):6.2f}")
+    print(harness.ratio_table(results, erm, width=28))
     print("command: python -m benchmarks.step_time " + " ".join(
-        f"--{f}={FLAGS[f].value}" for f in
-        ("backbone", "width", "image_size", "batch_size", "steps")))
+        f"--{f}={FLAGS[f].value}" for f in _SHARED[:5]))
 
 
 if __name__ == "__main__":

@@ -738,18 +738,32 @@ def plot_example_weights(grid, rows, setting, path):
 
 
 def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
-                 title: str = "Benchmark grid") -> Dict[str, object]:
+                 title: str = "Benchmark grid", extra_fields=None,
+                 markdown_fn=None) -> Dict[str, object]:
     """Writes results.csv, results.md and plots/*.png from the cells' files.
+
+    Args:
+      grid: the `Grid`.
+      workdir: the grid's directory.
+      machine: the machine line (default: this one).
+      title: results.md's title.
+      extra_fields: optional `row -> {column: value}`, columns appended to
+        every row (and results.csv), e.g. a NAS protocol's parameter counts.
+      markdown_fn: optional `(grid, rows, machine, title) -> str` replacing
+        `results_markdown` (the plots are appended either way).
 
     Returns:
       {"csv": path, "markdown": path, "plots": [paths], "rows": rows}.
     """
     rows = collect_rows(grid, workdir)
+    if extra_fields is not None:
+        for row in rows:
+            row.update(extra_fields(row))
     machine = machine or machine_description()
     csv_path = os.path.join(workdir, "results.csv")
     md_path = os.path.join(workdir, "results.md")
     fileio.write_text(csv_path, results_csv(rows))
-    markdown = results_markdown(grid, rows, machine, title)
+    markdown = (markdown_fn or results_markdown)(grid, rows, machine, title)
     plot_dir = os.path.join(workdir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     for row in rows:

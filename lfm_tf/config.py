@@ -24,7 +24,10 @@ METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
            "darts", "lfm_darts")
 DBL_VALIDATION = ("train_split", "meta")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISION = ("none", "mixed_bfloat16")
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# The methods whose train steps scale their losses (optimization/
+# loss_scale.py), so they may compute in float16.
+FLOAT16_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm")
 # Architecture search: the methods whose B is the architecture α.
 SEARCH_METHODS = ("darts", "lfm_darts")
 ARCH_ORDERS = ("first", "second")
@@ -567,10 +570,13 @@ class TrainConfig:
         `mirrored` (all local GPUs), `multi_worker` (cluster from
         `TF_CONFIG`) or `tpu`.
       tpu: TPU name or address for `strategy=tpu` (None: the local TPU).
-      mixed_precision: `none` or `mixed_bfloat16` (compute in bfloat16,
-        variables, heads, losses and finite-difference perturbations in
-        float32). `mixed_float16` is refused: it needs dynamic loss scaling
-        through the unrolled steps, which is not implemented.
+      mixed_precision: `none`, `mixed_bfloat16` or `mixed_float16`
+        (compute in bfloat16 / float16; variables, heads, losses and
+        finite-difference perturbations in float32). float16 uses dynamic
+        loss scaling through the unrolled inner steps and the outer
+        gradients (optimization/loss_scale.py); only the methods in
+        `FLOAT16_METHODS` have it (ExperimentConfig.validate refuses the
+        others).
     """
 
     epochs: int = 1
@@ -590,14 +596,6 @@ class TrainConfig:
         _check_positive("checkpoint_every_steps", self.checkpoint_every_steps)
         _check_positive("checkpoints_to_keep", self.checkpoints_to_keep)
         _check_choice("strategy", self.strategy, STRATEGIES)
-        if self.mixed_precision == "mixed_float16":
-            raise ValueError(
-                "Received mixed_precision='mixed_float16'; expected 'none' or "
-                "'mixed_bfloat16'. float16 needs dynamic loss scaling through "
-                "the unrolled inner steps, which is not implemented; bfloat16 "
-                "has float32's range and needs none. Set "
-                "--mixed_precision=mixed_bfloat16."
-            )
         _check_choice("mixed_precision", self.mixed_precision,
                       MIXED_PRECISION)
         if self.tpu is not None and self.strategy != "tpu":
@@ -624,6 +622,17 @@ class ExperimentConfig:
     def validate(self):
         for group in self.groups():
             group.validate()
+        if (self.train.mixed_precision == "mixed_float16"
+                and self.method.method not in FLOAT16_METHODS):
+            raise ValueError(
+                "Received mixed_precision='mixed_float16' with "
+                f"method={self.method.method!r}; expected one of "
+                f"{list(FLOAT16_METHODS)} for float16, whose steps scale "
+                "their losses (this method's steps do not, so its float16 "
+                "gradients could underflow). Set "
+                "--mixed_precision=mixed_bfloat16 (float32's range, no loss "
+                "scaling needed) or --mixed_precision=none."
+            )
         if (
             self.method.method == "dbl"
             and self.data.batch_size % self.method.dbl_splits

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from lfm_tf import distribute
 from lfm_tf.methods import learners
+from lfm_tf.optimization import loss_scale as loss_scale_lib
 from lfm_tf.optimization import unroll
 from lfm_tf.reweighting import mistake_weighting
 
@@ -34,6 +35,11 @@ class MethodModel(keras.Model):
         self.sgd = sgd
         self.num_classes = int(num_classes)
         self.sgd.build_slots(self.learner_variables())
+        # Built under the run's dtype policy (train_lib): float16 compute
+        # needs dynamic loss scaling, every other policy none.
+        self.loss_scale = loss_scale_lib.DynamicLossScale(
+            loss_scale_lib.float16_policy(keras.config.dtype_policy()),
+            name="loss_scale")
         self.step_counter = self.add_weight(
             shape=(), initializer="zeros", dtype="int64", trainable=False,
             name="step_counter",
@@ -92,27 +98,60 @@ class MethodModel(keras.Model):
         return mistake_weighting.per_example_cross_entropy(labels, logits), logits
 
     def sgd_update(self, sgd, variables, loss, tape):
-        """Applies one functional SGD step on `variables` from `loss`."""
-        grads = distribute.replica_mean(tape.gradient(loss, variables))
+        """Applies one functional SGD step on `variables` from `loss`.
+
+        Under loss scaling the step is skipped (W and momenta kept) when any
+        value it would write is non-finite.
+
+        Returns:
+          bool scalar: whether the step was finite (and applied).
+        """
+        grads = distribute.replica_mean(
+            self.loss_scale.gradient(tape, loss, variables))
         new_params, new_momenta = sgd.unroll(
             variables, grads, self.step_counter
         )
-        sgd.assign(variables, new_params, new_momenta)
+        finite = self.loss_scale.finite(new_params + new_momenta)
+        sgd.assign(
+            variables,
+            self.loss_scale.select(finite, new_params, variables),
+            self.loss_scale.select(finite, new_momenta, sgd.momenta),
+        )
+        return finite
 
     def state_variables(self):
         """Variables forward passes update (BatchNorm moving statistics)."""
         return list(self.classifier.non_trainable_variables)
 
-    def finish_step(self, labels, logits, **values):
-        """Advances the step counter and reports `values` as metrics."""
+    def finish_step(self, labels, logits, finite=None, **values):
+        """Advances the step counter and reports `values` as metrics.
+
+        Args:
+          labels: int [B].
+          logits: float [B, C].
+          finite: bool scalar, whether the step's updates were finite (and
+            applied); moves the loss scale. None: the method does not scale
+            losses (config.py refuses mixed_float16 for it).
+          **values: scalar metrics by tracker name.
+
+        Returns:
+          The step logs, with `loss_scale` under loss scaling.
+        """
         # Each replica updated the moving statistics from its own slice;
         # averaging keeps the mirrored copies equal (README, BatchNorm).
         distribute.assign_replica_mean(self.state_variables())
+        if finite is not None:
+            # Last: every gradient of this step was taken with the old S.
+            self.loss_scale.update(finite)
+        # The step counter (the learning-rate schedule) advances on a skipped
+        # step too: its batch is consumed either way.
         self.step_counter.assign_add(1)
         self.accuracy_tracker.update_state(labels, logits)
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return distribute.step_logs({m.name: m.result() for m in self.metrics})
+        logs = {m.name: m.result() for m in self.metrics}
+        logs.update(self.loss_scale.logs())
+        return distribute.step_logs(logs)
 
     def test_step(self, data):
         images, labels = data

@@ -25,10 +25,11 @@ class ERM(base.MethodModel):
             loss = tf.reduce_mean(
                 self.example_losses(train["label"], logits, ce)
             )
-        self.sgd_update(
+        finite = self.sgd_update(
             self.sgd, self.learner_variables(), loss, tape
         )
-        return self.finish_step(train["label"], logits, loss=loss)
+        return self.finish_step(train["label"], logits, finite=finite,
+                                loss=loss)
 
 
 class Focal(ERM):

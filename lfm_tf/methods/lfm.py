@@ -116,9 +116,38 @@ class LFM(base.MethodModel):
         # examples, u and r as on one device.
         train, meta = data["train"], distribute.gather_batch(data["meta"])
         w1_step, a, w2_step, val_loss, grads = self.hypergradients(train, meta)
+        # Under loss scaling a step with any non-finite value changes no
+        # weight, momentum or optimizer slot (B, r and V are undone).
+        finite = self.loss_scale.finite(
+            grads + w1_step.params + w1_step.momenta + w2_step.params
+            + w2_step.momenta)
+        hyper_state = (self.hyper_state_variables()
+                       if self.loss_scale.enabled else [])
+        before = self.loss_scale.snapshot(hyper_state)
         self.apply_hypergradients(grads)
-        self.commit(w1_step, w2_step)
+        self.loss_scale.restore_unless(finite, hyper_state, before)
+        self.commit(self._kept(w1_step, self.w1, self.sgd, finite),
+                    self._kept(w2_step, self.w2, self.w2_sgd, finite))
+        # After every gradient of the step; `report` then logs the new S.
+        self.loss_scale.update(finite)
         return self.report(train, a, w1_step, w2_step, val_loss)
+
+    def _kept(self, step, learner, sgd, finite):
+        """`step` if `finite`, else one that keeps W and the momenta."""
+        return step._replace(
+            params=self.loss_scale.select(finite, step.params,
+                                          learner.variables),
+            momenta=self.loss_scale.select(finite, step.momenta,
+                                           sgd.momenta))
+
+    def hyper_state_variables(self):
+        """Every variable `apply_hypergradients` writes: B, r, V and their
+        optimizers' moments and iteration counts."""
+        optimizers = [self.example_weight_optimizer, self.weighting_optimizer]
+        if self.encoder is not None:
+            optimizers.append(self.encoder_optimizer)
+        return self.hyper_variables() + [
+            v for optimizer in optimizers for v in optimizer.variables]
 
     def hypergradients(self, train, meta):
         """Stages 1-3 without side effects on the learners.
@@ -130,9 +159,8 @@ class LFM(base.MethodModel):
         if self.config.hypergradient == "exact":
             with tf.GradientTape() as tape:
                 stages = self.run_stages(train, meta)
-            grads = distribute.scale_gradients(
-                tape.gradient(stages[-1], self.hyper_variables())
-            )
+            grads = distribute.scale_gradients(self.loss_scale.gradient(
+                tape, stages[-1], self.hyper_variables()))
         else:
             *stages, grads = self.chained_step(train, meta)
         # Dense, zero where a variable has no path (e.g. V without x).
@@ -257,7 +285,7 @@ class LFM(base.MethodModel):
             val_tape.watch(w2_watched)
             val_loss = self.validate(meta, w2_step.params)
         v2 = distribute.scale_gradients(
-            val_tape.gradient(val_loss, w2_watched)
+            self.loss_scale.gradient(val_tape, val_loss, w2_watched)
         )
         d_a = hypergradients.weight_hypergradient(
             self._mixed_term(self.w2, self.w2_start(w1_step.params), w2_step,
@@ -265,8 +293,8 @@ class LFM(base.MethodModel):
             self.w2_sgd.step_scale(self.step_counter), tf.shape(a)[0],
         )
         encoder_vars = self.hyper_variables()[2:]
-        grads = tape.gradient(
-            a, [self.weighting_table.values] + encoder_vars + w1_watched,
+        grads = self.loss_scale.gradient(
+            tape, a, [self.weighting_table.values] + encoder_vars + w1_watched,
             output_gradients=d_a,
         )
         r_grad = grads[0]
@@ -311,6 +339,7 @@ class LFM(base.MethodModel):
             start, direction,
             "finite_difference" if method == "finite_difference" else
             "forward", self.config.fd_epsilon,
+            unit_direction=self.loss_scale.enabled,
         )
 
     def _add_shared(self, v1, v2, head_only):
@@ -381,7 +410,10 @@ class LFM(base.MethodModel):
                 params, train["image"], train["label"]
             )
             loss = tf.reduce_mean(tf.cast(weights, losses.dtype) * losses)
-        grads = distribute.replica_mean(tape.gradient(loss, params))
+        # Scaled and unscaled inside any outer tape: W' is unchanged and its
+        # second-order path flows (loss_scale.py).
+        grads = distribute.replica_mean(
+            self.loss_scale.gradient(tape, loss, params))
         new_params, new_momenta = sgd.unroll(params, grads, self.step_counter)
         return Step(new_params, new_momenta, out.states, loss, out.logits,
                     out.features)

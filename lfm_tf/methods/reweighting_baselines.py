@@ -52,7 +52,8 @@ class _LookaheadModel(base.MethodModel):
             losses, _ = self.w1.losses(params, meta["image"], meta["label"])
             val_loss = tf.reduce_mean(losses)
         return (
-            distribute.scale_gradients(tape.gradient(val_loss, params)),
+            distribute.scale_gradients(
+                self.loss_scale.gradient(tape, val_loss, params)),
             val_loss,
         )
 
@@ -63,10 +64,22 @@ class _LookaheadModel(base.MethodModel):
             params, direction,
             _DIRECTIONAL[self.method_config.hypergradient],
             self.method_config.fd_epsilon,
+            unit_direction=self.loss_scale.enabled,
         )
 
-    def weighted_step(self, train, weights):
-        """The real W1 step on mean(weights * l); returns (loss, logits)."""
+    def weighted_step(self, train, weights, finite=True):
+        """The real W1 step on mean(weights * l).
+
+        Args:
+          train: the training batch.
+          weights: float [B], held fixed.
+          finite: bool scalar, whether the step's earlier updates were
+            finite; under loss scaling W1 is only stepped if they and this
+            step's values are.
+
+        Returns:
+          (loss, logits float [B, C], whether the whole step is finite).
+        """
         params = self.w1.current()
         with tf.GradientTape() as tape:
             tape.watch(params)
@@ -74,13 +87,20 @@ class _LookaheadModel(base.MethodModel):
                 params, train["image"], train["label"]
             )
             loss = tf.reduce_mean(tf.stop_gradient(weights) * losses)
-        grads = distribute.replica_mean(tape.gradient(loss, params))
+        grads = distribute.replica_mean(
+            self.loss_scale.gradient(tape, loss, params))
         new_params, new_momenta = self.sgd.unroll(
             params, grads, self.step_counter
         )
-        self.sgd.assign(self.w1.variables, new_params, new_momenta)
+        finite = tf.logical_and(
+            finite, self.loss_scale.finite(new_params + new_momenta))
+        self.sgd.assign(
+            self.w1.variables,
+            self.loss_scale.select(finite, new_params, params),
+            self.loss_scale.select(finite, new_momenta, self.sgd.momenta),
+        )
         self.w1.assign_states(out.states)
-        return loss, out.logits
+        return loss, out.logits, finite
 
 
 class L2RW(_LookaheadModel):
@@ -100,9 +120,10 @@ class L2RW(_LookaheadModel):
         weights = l2rw_weights(meta_gradient)
         # L2RW's weights sum to 1; scale by B so the mean loss is comparable.
         batch = tf.cast(tf.shape(weights)[0], weights.dtype)
-        loss, logits = self.weighted_step(train, weights * batch)
+        loss, logits, finite = self.weighted_step(train, weights * batch)
         return self.finish_step(
-            train["label"], logits, loss=loss, val_loss=val_loss,
+            train["label"], logits, finite=finite, loss=loss,
+            val_loss=val_loss,
             weight_mean=tf.reduce_mean(weights * batch),
             weight_zero_fraction=tf.reduce_mean(
                 tf.cast(weights <= 0, weights.dtype)
@@ -154,7 +175,8 @@ class MetaWeightNet(_LookaheadModel):
             losses, _ = self.w1.losses(params, train["image"], train["label"])
             weights = self.example_weights(losses)
             lookahead_loss = tf.reduce_mean(tf.stop_gradient(weights) * losses)
-        grads = distribute.replica_mean(tape.gradient(lookahead_loss, params))
+        grads = distribute.replica_mean(
+            self.loss_scale.gradient(tape, lookahead_loss, params))
         lookahead, _ = self.sgd.unroll(params, grads, self.step_counter)
         direction, val_loss = self.meta_direction(lookahead, meta)
         d_weights = hypergradients.weight_hypergradient(
@@ -162,6 +184,8 @@ class MetaWeightNet(_LookaheadModel):
             self.sgd.step_scale(self.step_counter),
             tf.shape(weights)[0],
         )
+        # m(.; phi) computes in float32 (reweighting/meta_net.py), so this
+        # gradient needs no loss scale.
         phi_grads = tape.gradient(
             weights, self.meta_net.trainable_variables,
             output_gradients=d_weights,
@@ -172,9 +196,16 @@ class MetaWeightNet(_LookaheadModel):
     def train_step(self, data):
         train, meta = data["train"], distribute.gather_batch(data["meta"])
         phi_grads, val_loss, losses = self.meta_gradient(train, meta)
+        # phi's update is undone if the W1 step that follows (from phi's new
+        # weights) turns out non-finite: a skipped step changes nothing.
+        phi_state = list(self.meta_net.trainable_variables) + list(
+            self.meta_optimizer.variables)
+        before = self.loss_scale.snapshot(phi_state)
         self.meta_optimizer.apply(phi_grads, self.meta_net.trainable_variables)
         new_weights = self.example_weights(losses)
-        loss, logits = self.weighted_step(train, new_weights)
+        loss, logits, finite = self.weighted_step(
+            train, new_weights, self.loss_scale.finite(phi_grads))
+        self.loss_scale.restore_unless(finite, phi_state, before)
         corrupted = tf.cast(
             tf.not_equal(train["label"], train["clean_label"]),
             new_weights.dtype,
@@ -186,6 +217,6 @@ class MetaWeightNet(_LookaheadModel):
             new_weights, sample_weight=corrupted
         )
         return self.finish_step(
-            train["label"], logits, loss=loss, val_loss=val_loss,
-            weight_mean=tf.reduce_mean(new_weights),
+            train["label"], logits, finite=finite, loss=loss,
+            val_loss=val_loss, weight_mean=tf.reduce_mean(new_weights),
         )

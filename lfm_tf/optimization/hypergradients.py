@@ -42,6 +42,7 @@ def directional_derivative(
     direction: Sequence[tf.Tensor],
     method: str = "forward",
     fd_epsilon: float = 0.01,
+    unit_direction: bool = False,
 ) -> tf.Tensor:
     """<grad_W l_i(W), v> for every example i.
 
@@ -52,6 +53,13 @@ def directional_derivative(
       direction: v, same structure as `params`.
       method: `exact`, `finite_difference` or `forward`.
       fd_epsilon: finite-difference step scale; eps = fd_epsilon / |v|.
+      unit_direction: evaluate along v / |v| and multiply by |v| in float32
+        (the term is linear in v). Used under float16 compute: `forward`'s
+        tangents and `exact`'s second-order adjoints then have a fixed size
+        whatever |v|, so they neither underflow (a small late-training v)
+        nor overflow (v times the loss scale did, at 2^15).
+        `finite_difference` is scale-free already (eps v has norm
+        fd_epsilon).
 
     Returns:
       float [n].
@@ -61,6 +69,19 @@ def directional_derivative(
     """
     params = [tf.convert_to_tensor(p) for p in params]
     direction = [tf.convert_to_tensor(v) for v in direction]
+    if unit_direction and method != "finite_difference":
+        norm = global_norm(direction)
+        # v = 0 gives 0, as the unnormalised term would.
+        inverse = tf.math.divide_no_nan(tf.ones_like(norm), norm)
+        return _directional(
+            loss_vector_fn, params, [inverse * v for v in direction], method,
+            fd_epsilon) * norm
+    return _directional(loss_vector_fn, params, direction, method,
+                        fd_epsilon)
+
+
+def _directional(loss_vector_fn, params, direction, method, fd_epsilon):
+    """`directional_derivative` without loss scaling; see there."""
     if method == "forward":
         with tf.autodiff.ForwardAccumulator(params, direction) as acc:
             losses = loss_vector_fn(params)

@@ -12,13 +12,15 @@ def build_meta_net(hidden_units=100, name="meta_net"):
 
     Returns:
       A built `keras.Sequential` mapping float [B, 1] losses to [B, 1]
-      weights.
+      weights. It computes in float32 under any mixed-precision policy: its
+      input is a float32 loss and its weights multiply float32 losses.
     """
     net = keras.Sequential(
         [
             keras.Input((1,)),
-            keras.layers.Dense(hidden_units, activation="relu"),
-            keras.layers.Dense(1, activation="sigmoid"),
+            keras.layers.Dense(hidden_units, activation="relu",
+                               dtype="float32"),
+            keras.layers.Dense(1, activation="sigmoid", dtype="float32"),
         ],
         name=name,
     )

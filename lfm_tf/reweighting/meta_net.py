@@ -12,15 +12,18 @@ def build_meta_net(hidden_units=100, name="meta_net"):
 
     Returns:
       A built `keras.Sequential` mapping float [B, 1] losses to [B, 1]
-      weights. It computes in float32 under any mixed-precision policy: its
-      input is a float32 loss and its weights multiply float32 losses.
+      weights. Under a mixed-precision policy it computes in the variables'
+      dtype (float32): its input is a float32 loss and its weights multiply
+      float32 losses. Otherwise it follows the policy (float64 in tests).
     """
+    policy = keras.config.dtype_policy()
+    dtype = (policy.variable_dtype
+             if policy.compute_dtype != policy.variable_dtype else None)
     net = keras.Sequential(
         [
             keras.Input((1,)),
-            keras.layers.Dense(hidden_units, activation="relu",
-                               dtype="float32"),
-            keras.layers.Dense(1, activation="sigmoid", dtype="float32"),
+            keras.layers.Dense(hidden_units, activation="relu", dtype=dtype),
+            keras.layers.Dense(1, activation="sigmoid", dtype=dtype),
         ],
         name=name,
     )

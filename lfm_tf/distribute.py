@@ -159,12 +159,44 @@ def _all_reduce(values, op):
         return values
     values = list(values)
     present = [i for i, v in enumerate(values) if v is not None]
+    if not present:
+        return values
     reduced = context.all_reduce(
         op, [tf.convert_to_tensor(values[i]) for i in present])
     out = list(values)
     for i, value in zip(present, reduced):
         out[i] = value
     return out
+
+
+def replica_id():
+    """This replica's index in its sync group (0 without a strategy); a
+    tensor under a strategy."""
+    context = tf.distribute.get_replica_context()
+    return 0 if context is None else context.replica_id_in_sync_group
+
+
+def broadcast(values, source=0):
+    """Replica `source`'s values on every replica (None entries stay None).
+
+    An all-reduce of the source's values and zeros elsewhere (differentiable;
+    the identity with one replica).
+
+    Args:
+      values: list of tensors or None, shaped alike on every replica.
+      source: the replica whose values are kept.
+
+    Returns:
+      List shaped like `values`.
+    """
+    context = _replica_context()
+    if context is None or not values:
+        return values
+    keep = tf.equal(context.replica_id_in_sync_group, source)
+    # tf.where, not a 0/1 product: an inf or nan elsewhere must not leak.
+    return replica_sum([
+        None if v is None else tf.where(keep, v, tf.zeros_like(v))
+        for v in values])
 
 
 def scale_gradients(grads):

@@ -54,6 +54,22 @@ class MirroredEquivalenceTest(tf.test.TestCase):
             worst = self.results[case]["variables"]
             self.assertLess(worst["error"], RTOL, f"{case}: {worst}")
 
+    def test_batch_normalisations_match_one_device(self):
+        # L2RW's sum and `batch_mean`'s mean run over the global batch.
+        for case in ("l2rw", "lfm_batch_mean", "mwnet_batch_mean"):
+            worst = self.results[case]["variables"]
+            self.assertLess(worst["error"], RTOL, f"{case}: {worst}")
+        for case in ("lfm_batch_mean", "mwnet_batch_mean"):
+            for i, error in enumerate(self.results[case]["hypergradients"]):
+                self.assertLess(error, RTOL, f"{case} gradient {i}")
+
+    def test_deep_bilevel_splits_match_one_device(self):
+        # The replicas cut the one-device splits; with BatchNorm too (its
+        # statistics are per split either way).
+        for case in ("dbl", "dbl_meta", "dbl_batchnorm"):
+            worst = self.results[case]["variables"]
+            self.assertLess(worst["error"], RTOL, f"{case}: {worst}")
+
     def test_meta_net_step_within_adam_bound(self):
         # Adam's first step is lr * g / (|g| + eps): for entries whose
         # gradient is ~0 (a dead hidden unit) float32 reduction order can flip
@@ -255,6 +271,10 @@ def _equivalence():
         results[key] = max(float(np.max(np.abs(a - np.array(v))))
                            for a, v in zip(values, fresh.variables))
 
+    config = _config("dbl")
+    results["dbl_batchnorm"] = _step_error(one, two, config,
+                                           train_lib.prepare_data(config), 1)
+
     layers.BatchNorm = lambda name=None, **kwargs: keras.layers.Identity(
         name=name)
     cases = {
@@ -264,30 +284,41 @@ def _equivalence():
         "lfm_finite_difference": ("lfm", dict(
             hypergradient="finite_difference"), 0),
         "lfm_positional": ("lfm", dict(weighting_mode="positional"), 0),
+        "l2rw": ("l2rw", {}, 1),
+        "lfm_batch_mean": ("lfm", dict(weight_normalization="batch_mean"), 1),
+        "mwnet_batch_mean": ("mwnet", dict(
+            weight_normalization="batch_mean"), 1),
+        "dbl": ("dbl", {}, 1),
+        "dbl_meta": ("dbl", dict(dbl_validation="meta"), 1),
     }
     for case, (method, overrides, steps) in cases.items():
         config = _config(method, **overrides)
         data = train_lib.prepare_data(config)
         entry = {}
-        if method != "erm":
+        if method in ("mwnet", "lfm"):
             entry["hypergradients"] = [
                 _relative_error(a, b) for a, b in zip(
                     _hypergradients(one, config, data),
                     _hypergradients(two, config, data))]
         if steps:
-            _, expected = _after_steps(one, config, data, steps)
-            model, actual = _after_steps(two, config, data, steps)
-            errors = [(_relative_error(a, b), v.path) for a, b, v in zip(
-                expected, actual, model.variables)
-                      if a.dtype.kind == "f" and "meta_net" not in v.path]
-            error, path = max(errors)
-            entry["variables"] = {"error": error, "variable": path}
-            entry["meta_net_abs"] = max(
-                [float(np.max(np.abs(a - b))) for a, b, v in zip(
-                    expected, actual, model.variables)
-                 if "meta_net" in v.path] or [0.0])
+            entry.update(_step_error(one, two, config, data, steps))
         results[case] = entry
     return results
+
+
+def _step_error(one, two, config, data, steps):
+    """The worst variable after `steps` (meta-net weights aside)."""
+    _, expected = _after_steps(one, config, data, steps)
+    model, actual = _after_steps(two, config, data, steps)
+    errors = [(_relative_error(a, b), v.path) for a, b, v in zip(
+        expected, actual, model.variables)
+              if a.dtype.kind == "f" and "meta_net" not in v.path]
+    error, path = max(errors)
+    return {"variables": {"error": error, "variable": path},
+            "meta_net_abs": max(
+                [float(np.max(np.abs(a - b))) for a, b, v in zip(
+                    expected, actual, model.variables)
+                 if "meta_net" in v.path] or [0.0])}
 
 
 def _main(name):

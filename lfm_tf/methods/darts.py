@@ -12,11 +12,19 @@ product (eps = 0.01 / |v| on all weights) is not offered: on the small,
 BatchNorm-heavy supernets we test it was far from the exact value (the loss
 is strongly curved at that step size), and the exact product costs one extra
 backward pass, which `benchmarks/search_step.py` measures.
+
+Under tf.distribute N replicas compute what one device computes on the
+global batch (`lfm_tf/distribute.py`): the virtual step's gradient is
+all-reduced inside the outer tape, each replica takes the validation loss of
+its own slice of the meta batch (a mean, so the replicas' shares add up to
+the one-device loss), α's gradient is summed over replicas before it is
+clipped and decayed, and the weight step uses the all-reduced gradient.
 """
 
 import keras
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 
@@ -52,13 +60,25 @@ class ArchitectureStep:
         return [self.architecture.arch_normal, self.architecture.arch_reduce]
 
     def apply(self, grads):
-        grads = [tf.convert_to_tensor(g) for g in grads]
+        """One step of α.
+
+        Args:
+          grads: [normal, reduce]. Under tf.distribute, this replica's share:
+            the shares of all replicas add up to the one-device gradient (as
+            `distribute.scale_gradients` leaves them).
+        """
+        # The clip is not linear and the decay must enter once, so both act
+        # on the summed gradient.
+        grads = distribute.replica_sum(
+            [tf.convert_to_tensor(g) for g in grads])
         if self.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self.clip_norm)
         # PyTorch's Adam(weight_decay) adds the decay after the clip.
         grads = [g + self.weight_decay * v
                  for g, v in zip(grads, self.variables)]
-        self.optimizer.apply(grads, self.variables)
+        # Keras' optimizers sum their gradients over replicas once more.
+        self.optimizer.apply(distribute.scale_gradients(grads),
+                             self.variables)
 
 
 class Darts(base.MethodModel):
@@ -118,7 +138,8 @@ class Darts(base.MethodModel):
                                               train["label"])
             loss = tf.reduce_mean(losses)
         new_params, new_momenta = self.sgd.unroll(
-            params, tape.gradient(loss, params), self.step_counter)
+            params, distribute.replica_mean(tape.gradient(loss, params)),
+            self.step_counter)
         self.sgd.assign(self.learner.variables, new_params, new_momenta)
         self.learner.assign_states(out.states)
         return loss, out.logits
@@ -129,21 +150,33 @@ class Darts(base.MethodModel):
         return tf.reduce_mean(losses)
 
     def virtual_step(self, params, train):
-        """w' = one SGD step (momentum, decay) from `params`; differentiable."""
+        """w' = one SGD step (momentum, decay) from `params`; differentiable.
+
+        The gradient is all-reduced here, inside the caller's tape, so every
+        replica steps to the one-device w' and α's gradient reaches every
+        replica's training examples.
+        """
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = self.train_loss(params, train)
-        return self.sgd.unroll(params, tape.gradient(loss, params),
-                               self.step_counter)[0]
+        grads = distribute.replica_mean(tape.gradient(loss, params))
+        return self.sgd.unroll(params, grads, self.step_counter)[0]
 
     def architecture_gradient(self, train, meta):
-        """(L_val, dL_val/dα as [normal, reduce])."""
+        """(L_val, dL_val/dα as [normal, reduce]).
+
+        Under tf.distribute, L_val is the loss of this replica's meta slice
+        and the gradient is this replica's share (summed over replicas: the
+        one-device gradient, as `ArchitectureStep.apply` takes it).
+        """
         arch = self.arch_step.variables
         params = self.learner.current()
-        if not self.second_order:
-            with tf.GradientTape() as tape:
-                val_loss = self.train_loss(params, meta)
-            return val_loss, tape.gradient(val_loss, arch)
         with tf.GradientTape() as tape:
-            val_loss = self.train_loss(self.virtual_step(params, train), meta)
-        return val_loss, tape.gradient(val_loss, arch)
+            if self.second_order:
+                params = self.virtual_step(params, train)
+            val_loss = self.train_loss(params, meta)
+        # Each replica's L_val is the mean of its slice, and the gradient
+        # through the all-reduced w' adds every replica's upstream gradient:
+        # the shares sum to N times the one-device gradient of the mean.
+        return val_loss, distribute.scale_gradients(
+            tape.gradient(val_loss, arch))

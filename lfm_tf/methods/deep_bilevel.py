@@ -11,6 +11,17 @@ gradient is split 0 of the (noisy) training batch itself, so no clean data
 is needed; `dbl_validation=meta` uses the clean meta batch instead and trains
 on all S splits. BatchNorm statistics are per split, as in the reference
 (research/seed_systems.md §4.2).
+
+Under tf.distribute the N replicas cut the global batch into the same S
+splits as one device: S must be a multiple of N, and each replica's slice
+holds S / N whole splits (the global batch is sliced in order). Each replica
+computes its splits' gradients; split 0's gradient (replica 0's first) is
+broadcast as g_val, or the meta slices' gradients are averaged; every
+replica gathers each split's <g_val, g_i>, |g_i|^2 and loss, so omega is the
+one-device omega, and the step is the all-reduced sum of the replicas'
+omega-weighted gradients. BatchNorm statistics are per split on both, and
+the moving statistics come from the global batch's last split, so even with
+BatchNorm N replicas take the one-device step (rounding aside).
 """
 
 import tensorflow as tf
@@ -31,8 +42,14 @@ def dbl_weights(validation_grad, split_grads, mu):
     Returns:
       float [S]; sum of absolute values 1 (all zero if every omega is 0).
     """
-    agreement = tf.linalg.matvec(split_grads, validation_grad)
-    omega = agreement / (tf.reduce_sum(tf.square(split_grads), axis=1) + mu)
+    return _normalized_omega(
+        tf.linalg.matvec(split_grads, validation_grad),
+        tf.reduce_sum(tf.square(split_grads), axis=1), mu)
+
+
+def _normalized_omega(agreement, squared_norms, mu):
+    """omega~ from <g_val, g_i> and |g_i|^2 (float [S] each)."""
+    omega = agreement / (squared_norms + mu)
     total = tf.reduce_sum(tf.abs(omega))
     return omega / tf.where(total > 0, total, tf.ones_like(total))
 
@@ -73,42 +90,72 @@ class DeepBilevel(base.MethodModel):
 
     def train_step(self, data):
         train, meta = data["train"], data["meta"]
+        replicas = distribute.num_replicas()
+        if self.splits % replicas:
+            raise ValueError(
+                f"Received dbl_splits={self.splits} with {replicas} "
+                "replicas; expected a multiple of the replicas (each replica "
+                "holds whole splits of the global batch). Set --dbl_splits "
+                f"to a multiple of {replicas}."
+            )
+        local_splits = self.splits // replicas
         params = self.learner.current()
-        images = tf.split(train["image"], self.splits)
-        labels = tf.split(train["label"], self.splits)
+        images = tf.split(train["image"], local_splits)
+        labels = tf.split(train["label"], local_splits)
         results = [self.split_gradient(params, x, y)
                    for x, y in zip(images, labels)]
+        split_grads = [_dense(params, r[1]) for r in results]
+        flat = tf.stack([_flatten(g) for g in split_grads])
         if self.validation == "meta":
             val_loss, val_grads, _ = self.split_gradient(
                 params, meta["image"], meta["label"])
+            # Equal meta slices: the mean of their gradients (and losses) is
+            # the whole meta batch's.
+            val_loss, validation = distribute.replica_mean(
+                [val_loss, _flatten(_dense(params, val_grads))])
+            first_trained = 0
         else:
-            (val_loss, val_grads, _), results = results[0], results[1:]
-        split_grads = [[tf.zeros_like(p) if g is None else g
-                        for p, g in zip(params, r[1])] for r in results]
-        omega = dbl_weights(
-            _flatten([tf.zeros_like(p) if g is None else g
-                      for p, g in zip(params, val_grads)]),
-            tf.stack([_flatten(g) for g in split_grads]), self.mu)
-        direction = [
-            tf.add_n([w * g[i] for w, g in zip(tf.unstack(omega),
-                                                split_grads)])
+            # Global split 0 is replica 0's first.
+            val_loss, validation = distribute.broadcast(
+                [results[0][0], flat[0]])
+            first_trained = 1
+        # Per split, in the global batch's order: <g_val, g_i>, |g_i|^2 and
+        # the loss; a few scalars per split, so every replica gets all.
+        stats = distribute.gather_batch(tf.stack([
+            tf.linalg.matvec(flat, validation),
+            tf.reduce_sum(tf.square(flat), axis=1),
+            tf.stack([r[0] for r in results]),
+        ], axis=1))
+        omega = _normalized_omega(stats[first_trained:, 0],
+                                  stats[first_trained:, 1], self.mu)
+        # This replica's coefficients; the validation split's is 0.
+        local_omega = tf.gather(tf.reshape(tf.concat(
+            [tf.zeros([first_trained], omega.dtype), omega], axis=0),
+            [replicas, local_splits]), distribute.replica_id())
+        direction = distribute.replica_sum([
+            tf.add_n([local_omega[j] * g[i]
+                      for j, g in enumerate(split_grads)])
             for i in range(len(params))
-        ]
-        # Per-replica splits (README: DBL under tf.distribute); the mean
-        # keeps the replicas' weights equal.
+        ])
         new_params, new_momenta = self.sgd.unroll(
-            params, distribute.replica_mean(direction), self.step_counter)
+            params, direction, self.step_counter)
         self.sgd.assign(self.learner.variables, new_params, new_momenta)
-        # One moving-average update per step, from the last split.
-        self.learner.assign_states(results[-1][2].states)
-        loss = tf.add_n([r[0] for r in results]) / len(results)
-        logits = tf.concat([r[2].logits for r in results], axis=0)
-        trained_labels = tf.concat(
-            [y for y in labels[len(labels) - len(results):]], axis=0)
+        # One moving-average update per step, from the global batch's last
+        # split (the last replica's last).
+        self.learner.assign_states(distribute.broadcast(
+            list(results[-1][2].states), source=replicas - 1))
+        # Accuracy over every split's forward pass (the validation split's
+        # too): each replica reports its own slice whole.
         return self.finish_step(
-            trained_labels, logits, loss=loss, val_loss=val_loss,
+            train["label"], tf.concat([r[2].logits for r in results], 0),
+            loss=tf.reduce_mean(stats[first_trained:, 2]), val_loss=val_loss,
             omega_min=tf.reduce_min(omega), omega_max=tf.reduce_max(omega),
             negative_fraction=tf.reduce_mean(
                 tf.cast(omega < 0, omega.dtype)),
         )
 
+
+def _dense(params, grads):
+    """`grads` with None (no path) as zeros shaped like `params`."""
+    return [tf.zeros_like(p) if g is None else g
+            for p, g in zip(params, grads)]

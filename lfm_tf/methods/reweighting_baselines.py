@@ -25,14 +25,20 @@ _DIRECTIONAL = {
 def l2rw_weights(meta_gradient):
     """L2RW's normalisation: w = max(-dL/de, 0) / sum, sum := 1 when 0.
 
+    Under tf.distribute the sum runs over the global batch (all replicas'
+    slices), so each replica's weights are its share of the one-device ones.
+
     Args:
-      meta_gradient: float [B], dL_val/d(epsilon_i) at epsilon = 0.
+      meta_gradient: float [B], dL_val/d(epsilon_i) at epsilon = 0; this
+        replica's slice under a strategy (any common positive scale of the
+        replicas' slices cancels).
 
     Returns:
-      float [B], non-negative, summing to 1 (or all zero).
+      float [B], non-negative, summing to 1 over the global batch (or all
+      zero).
     """
     clipped = tf.maximum(-meta_gradient, 0.0)
-    total = tf.reduce_sum(clipped)
+    total, = distribute.replica_sum([tf.reduce_sum(clipped)])
     return clipped / tf.where(total > 0, total, tf.ones_like(total))
 
 
@@ -118,8 +124,10 @@ class L2RW(_LookaheadModel):
         direction, val_loss = self.meta_direction(params, meta)
         meta_gradient = -self.mixed_term(train, params, direction)
         weights = l2rw_weights(meta_gradient)
-        # L2RW's weights sum to 1; scale by B so the mean loss is comparable.
-        batch = tf.cast(tf.shape(weights)[0], weights.dtype)
+        # L2RW's weights sum to 1; scale by the global B so the mean loss is
+        # comparable (and each replica's mean is its share of one device's).
+        batch, = distribute.replica_sum(
+            [tf.cast(tf.shape(weights)[0], weights.dtype)])
         loss, logits, finite = self.weighted_step(train, weights * batch)
         return self.finish_step(
             train["label"], logits, finite=finite, loss=loss,

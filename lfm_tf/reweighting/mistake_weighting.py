@@ -12,6 +12,8 @@ were mispredicted by W1' (lfm_reference §2.1).
 
 import tensorflow as tf
 
+from lfm_tf import distribute
+
 SIMILARITIES = ("dot", "cosine", "l2")
 
 
@@ -110,17 +112,24 @@ def example_weights_a(
 def normalize_weights(weights, mode="none"):
     """`none`: as is; `batch_mean`: w / mean(w) (differentiable).
 
+    Under tf.distribute the mean is over the global batch (every replica's
+    slice, by a differentiable all-reduce), so N replicas weight their
+    examples as one device weights the whole batch.
+
     Args:
-      weights: float [B], positive.
+      weights: float [B], positive; this replica's slice under a strategy.
       mode: `none` or `batch_mean`.
 
     Returns:
-      float [B]; with `batch_mean` its mean is 1.
+      float [B]; with `batch_mean` its mean over the global batch is 1.
     """
     if mode == "none":
         return weights
     if mode == "batch_mean":
-        return weights / (tf.reduce_mean(weights) + 1e-12)
+        total, count = distribute.replica_sum([
+            tf.reduce_sum(weights),
+            tf.cast(tf.size(weights), weights.dtype)])
+        return weights / (total / count + 1e-12)
     raise ValueError(
         f"Received weight_normalization={mode!r}; expected none or "
         "batch_mean."

@@ -20,8 +20,9 @@ broadcast as g_val, or the meta slices' gradients are averaged; every
 replica gathers each split's <g_val, g_i>, |g_i|^2 and loss, so omega is the
 one-device omega, and the step is the all-reduced sum of the replicas'
 omega-weighted gradients. BatchNorm statistics are per split on both, and
-the moving statistics come from the global batch's last split, so even with
-BatchNorm N replicas take the one-device step (rounding aside).
+the moving statistics come from the global batch's last split, so with
+`train_split` N replicas take the one-device step even with BatchNorm
+(rounding aside); with `meta` each replica normalises its own meta slice.
 """
 
 import tensorflow as tf

@@ -28,6 +28,10 @@ MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 # The methods whose train steps scale their losses (optimization/
 # loss_scale.py), so they may compute in float16.
 FLOAT16_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm")
+# Methods whose steps do not yet reduce across replicas (they would apply
+# the sum of per-replica gradients and normalise per replica).
+SINGLE_REPLICA_METHODS = ("penalty", "molere")
+MULTI_REPLICA_STRATEGIES = ("mirrored", "multi_worker", "tpu")
 # Architecture search: the methods whose B is the architecture α.
 SEARCH_METHODS = ("darts", "lfm_darts")
 ARCH_ORDERS = ("first", "second")
@@ -622,6 +626,17 @@ class ExperimentConfig:
     def validate(self):
         for group in self.groups():
             group.validate()
+        if (self.train.strategy in MULTI_REPLICA_STRATEGIES
+                and self.method.method in SINGLE_REPLICA_METHODS):
+            raise ValueError(
+                f"Received method={self.method.method!r} with "
+                f"strategy={self.train.strategy!r}; expected a single-replica "
+                "strategy (default or one_device) for this method: its steps "
+                "do not yet all-reduce their gradients and normalisations, "
+                "so replicas would not compute the one-device step. Set "
+                "--strategy=one_device, or pick a method that supports "
+                f"{list(MULTI_REPLICA_STRATEGIES)}."
+            )
         if (self.train.mixed_precision == "mixed_float16"
                 and self.method.method not in FLOAT16_METHODS):
             raise ValueError(

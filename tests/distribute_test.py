@@ -169,6 +169,15 @@ class MixedPrecisionTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "loss scaling"):
             _config("dbl", mixed_precision="mixed_float16").validate()
 
+    def test_single_replica_methods_are_refused_under_mirrored(self):
+        for method in ("penalty", "molere"):
+            with self.assertRaisesRegex(ValueError,
+                                        f"method='{method}' with "
+                                        "strategy='mirrored'.*one_device"):
+                _config(method, strategy="mirrored").validate()
+            _config(method, strategy="one_device").validate()
+        _config("lfm", strategy="mirrored").validate()
+
 
 # ---------------------------------------------------------------- children
 

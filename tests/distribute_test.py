@@ -170,7 +170,7 @@ class MixedPrecisionTest(tf.test.TestCase):
             _config("dbl", mixed_precision="mixed_float16").validate()
 
     def test_single_replica_methods_are_refused_under_mirrored(self):
-        for method in ("penalty", "molere"):
+        for method in ("penalty", "molere", "lfm_darts"):
             with self.assertRaisesRegex(ValueError,
                                         f"method='{method}' with "
                                         "strategy='mirrored'.*one_device"):

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
+from absl import app
+
 _RESULT = "RESULT "
 
 
@@ -118,22 +120,29 @@ def emit(result: Dict):
     sys.stdout.flush()
 
 
-def run_rows(module: str, rows: Sequence[str],
+def run_rows(module: str, rows: Sequence[str], known: Sequence[str],
              flags: Sequence[str]) -> List[Dict]:
     """Runs `python -m module --run_one=<row> *flags` for each row.
 
     Args:
       module: the benchmark's module, e.g. `benchmarks.step_time`.
       rows: the row names, passed as `--run_one`.
+      known: every row the module defines; checked before any child starts.
       flags: the other flags every child gets.
 
     Returns:
       the children's `emit`ted dicts, in row order.
 
     Raises:
+      app.UsageError: a row is not in `known`.
       RuntimeError: a child printed no result; names the row and shows the
         end of its stderr.
     """
+    unknown = [row for row in rows if row not in known]
+    if unknown:
+        raise app.UsageError(
+            f"Unknown --configs rows {unknown}; expected some of "
+            f"{list(known)}.")
     results = []
     for row in rows:
         child = subprocess.run(

@@ -451,6 +451,18 @@ def _best_methods(grid, table):
     return best
 
 
+def status_lines(rows: Sequence[Dict], machine: str) -> List[str]:
+    """The report's run counts (done, failed, pending) and machine lines."""
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in ("done", "failed", "pending")}
+    return [
+        "",
+        f"Runs: {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['pending']} pending, of {len(rows)}.",
+        f"Machine: {machine}.",
+    ]
+
+
 def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
                      title: str = "Benchmark grid") -> str:
     """Mean ± std test accuracy (%) per method x setting, best in bold."""
@@ -488,13 +500,7 @@ def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
             wall = table[(setting, method.name)][3]
             cells.append("–" if wall is None else f"{wall:.0f}")
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
-    counts = {s: sum(r["status"] == s for r in rows)
-              for s in ("done", "failed", "pending")}
-    lines += [
-        "",
-        f"Runs: {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['pending']} pending, of {len(rows)}.",
-        f"Machine: {machine}.",
+    lines += status_lines(rows, machine) + [
         "",
         "Methods: " + "; ".join(m.describe() for m in grid.methods) + ".",
         "Settings: " + "; ".join(s.describe() for s in grid.settings) + ".",

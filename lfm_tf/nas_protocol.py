@@ -391,13 +391,7 @@ def report_markdown(protocol: Protocol, workdir: str):
             mean, std, n = _mean_std(random_means)
             lines += ["", f"Random baseline: {_percent(mean, std)} test "
                       f"accuracy, mean ± std over {n} random genotypes."]
-        counts = {s: sum(r["status"] == s for r in rows)
-                  for s in ("done", "failed", "pending")}
-        lines += [
-            "",
-            f"Runs: {counts['done']} done, {counts['failed']} failed, "
-            f"{counts['pending']} pending, of {len(rows)}.",
-            f"Machine: {machine}.",
+        lines += benchmark_grid.status_lines(rows, machine) + [
             "",
             f"Search budget (every search): "
             f"{protocol.search_budget.describe()}.",

@@ -222,6 +222,29 @@ def scale_gradients(grads):
         scale, g.dtype) for g in grads]
 
 
+def clip_by_global_norm(grads, clip_norm):
+    """This replica's share of the gradient, clipped as one device clips it.
+
+    Keras optimizers' `global_clipnorm` clips each replica's share before
+    they sum it over replicas, so N replicas would not step as one device
+    once the norm exceeds the clip. Here the shares are summed, the sum is
+    clipped, and each replica gets 1/N of it back for the optimizer's sum.
+
+    Args:
+      grads: list of tensors, this replica's shares (they add up to the
+        one-device gradient).
+      clip_norm: the largest global norm, or None for no clipping.
+
+    Returns:
+      List shaped like `grads`; with one replica, `grads` clipped.
+    """
+    if not clip_norm:
+        return grads
+    total = replica_sum([tf.convert_to_tensor(g) for g in grads])
+    clipped, _ = tf.clip_by_global_norm(total, clip_norm)
+    return scale_gradients(clipped)
+
+
 def gather_batch(batch):
     """Every replica's slice of a (nested dict) batch, concatenated.
 

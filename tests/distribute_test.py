@@ -63,6 +63,11 @@ class MirroredEquivalenceTest(tf.test.TestCase):
             for i, error in enumerate(self.results[case]["hypergradients"]):
                 self.assertLess(error, RTOL, f"{case} gradient {i}")
 
+    def test_clipping_acts_on_the_summed_gradient(self):
+        self.assertLess(self.results["clip_summed"], RTOL)
+        # What LFM-DR's r and V optimizers did before: the check has teeth.
+        self.assertGreater(self.results["clip_keras"], 0.1)
+
     def test_deep_bilevel_splits_match_one_device(self):
         # The replicas cut the one-device splits; with BatchNorm too (its
         # statistics are per split either way).
@@ -170,7 +175,7 @@ class MixedPrecisionTest(tf.test.TestCase):
             _config("dbl", mixed_precision="mixed_float16").validate()
 
     def test_single_replica_methods_are_refused_under_mirrored(self):
-        for method in ("penalty", "molere", "lfm_darts"):
+        for method in ("lfm_darts",):
             with self.assertRaisesRegex(ValueError,
                                         f"method='{method}' with "
                                         "strategy='mirrored'.*one_device"):
@@ -312,7 +317,39 @@ def _equivalence():
         if steps:
             entry.update(_step_error(one, two, config, data, steps))
         results[case] = entry
+
+    # r's and V's optimizers (LFM-DR) clip the gradient summed over
+    # replicas; Keras' own `global_clipnorm` clips each replica's share.
+    expected = _clipped_step(one, keras_clip=False)
+    results["clip_summed"] = _relative_error(
+        expected, _clipped_step(two, keras_clip=False))
+    results["clip_keras"] = _relative_error(
+        expected, _clipped_step(two, keras_clip=True))
     return results
+
+
+def _clipped_step(strategy, keras_clip):
+    """Adam's first moment after one step on a gradient of norm 30 clipped
+    to 1, which the replicas hold in unequal shares (1/4 and 3/4)."""
+    import keras  # pylint: disable=g-import-not-at-top
+    from lfm_tf import distribute  # pylint: disable=g-import-not-at-top
+    grad = tf.constant(np.linspace(-3.0, 3.0, 20) * 3.0, tf.float32)
+    with strategy.scope():
+        variable = tf.Variable(tf.zeros([20]))
+        optimizer = keras.optimizers.Adam(
+            0.1, global_clipnorm=1.0 if keras_clip else None)
+        optimizer.build([variable])
+
+    def replica_fn():
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        share = grad * ((0.5 + tf.cast(distribute.replica_id(), tf.float32))
+                        / (replicas ** 2 / 2))
+        grads = ([share] if keras_clip
+                 else distribute.clip_by_global_norm([share], 1.0))
+        optimizer.apply(grads, [variable])
+
+    tf.function(lambda: strategy.run(replica_fn), autograph=False)()
+    return np.array(optimizer.variables[2])
 
 
 def _step_error(one, two, config, data, steps):

@@ -83,7 +83,9 @@ class LFM(base.MethodModel):
         self.weighting_table = example_weights.WeightTable(
             num_weighting, 1.0, name="weighting_table"
         )
-        clip = optimizer_config.grad_clip_norm
+        # Clipped in `apply_weighting_step`, on the gradient summed over
+        # replicas (Keras' `global_clipnorm` would clip each replica's share).
+        self.clip_norm = optimizer_config.grad_clip_norm
         # Adam, not the authors' SGD: dL/dB carries eta1*eta2/n^2, so its
         # scale depends on the learning rates and batch size; Adam's steps
         # do not (each b_i moves by about the learning rate per visit).
@@ -92,7 +94,7 @@ class LFM(base.MethodModel):
             name="example_weight_optimizer",
         )
         self.weighting_optimizer = keras.optimizers.Adam(
-            optimizer_config.weighting_learning_rate, global_clipnorm=clip,
+            optimizer_config.weighting_learning_rate,
             name="weighting_optimizer",
         )
         self.example_weight_optimizer.build(
@@ -101,7 +103,7 @@ class LFM(base.MethodModel):
         self.weighting_optimizer.build([self.weighting_table.values])
         if encoder is not None:
             self.encoder_optimizer = keras.optimizers.Adam(
-                optimizer_config.encoder_learning_rate, global_clipnorm=clip,
+                optimizer_config.encoder_learning_rate,
                 name="encoder_optimizer",
             )
             self.encoder_optimizer.build(encoder.trainable_variables)
@@ -363,11 +365,18 @@ class LFM(base.MethodModel):
             [b_grad], [self.example_weight_table.values]
         )
         self.example_weight_table.project()
-        self.weighting_optimizer.apply([r_grad], [self.weighting_table.values])
+        self.apply_weighting_step(r_grad, encoder_grads)
+
+    def apply_weighting_step(self, r_grad, encoder_grads):
+        """One step of r's and V's optimizers, each gradient clipped to
+        `--grad_clip_norm` over all replicas, as on one device."""
+        self.weighting_optimizer.apply(
+            distribute.clip_by_global_norm([r_grad], self.clip_norm),
+            [self.weighting_table.values])
         if self.encoder is not None:
             self.encoder_optimizer.apply(
-                encoder_grads, self.encoder.trainable_variables
-            )
+                distribute.clip_by_global_norm(encoder_grads, self.clip_norm),
+                self.encoder.trainable_variables)
 
     def commit(self, w1_step, w2_step):
         """Assigns W1', W2' (computed once, in the unroll) as the real step.

@@ -83,10 +83,7 @@ class LFMDarts(lfm.LFM):
     def apply_hypergradients(self, grads):
         arch_grads, (r_grad, *encoder_grads) = grads[:2], grads[2:]
         self.arch_step.apply(arch_grads)
-        self.weighting_optimizer.apply([r_grad], [self.weighting_table.values])
-        if self.encoder is not None:
-            self.encoder_optimizer.apply(encoder_grads,
-                                         self.encoder.trainable_variables)
+        self.apply_weighting_step(r_grad, encoder_grads)
 
     def report(self, train, a, w1_step, w2_step, val_loss):
         normal, reduce = self.architecture.probabilities()

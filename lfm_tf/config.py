@@ -28,11 +28,10 @@ MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 # The methods whose train steps scale their losses (optimization/
 # loss_scale.py), so they may compute in float16.
 FLOAT16_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm")
-# Methods whose steps do not yet reduce across replicas (they would apply
-# the sum of per-replica gradients and normalise per replica), and
-# LFM-DARTS, whose 2-replica step matched one device in most runs but once
-# missed by 3.4e-2 on alpha's momentum (cause not yet found).
-SINGLE_REPLICA_METHODS = ("penalty", "molere", "lfm_darts")
+# Refused under multi-replica strategies: LFM-DARTS, whose 2-replica step
+# matched one device in most runs but once missed by 3.4e-2 on alpha's
+# momentum (cause not yet found).
+SINGLE_REPLICA_METHODS = ("lfm_darts",)
 MULTI_REPLICA_STRATEGIES = ("mirrored", "multi_worker", "tpu")
 # Architecture search: the methods whose B is the architecture α.
 SEARCH_METHODS = ("darts", "lfm_darts")

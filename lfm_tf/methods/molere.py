@@ -44,12 +44,34 @@ Choices where the paper is silent (README "MOLERE"):
   engine's clean meta set is only the model-selection set, as for LRW.
 * Classifier weights are not normalised (MW-Net parity): the loss is
   sum_j (1 - z_j) phi_j l_j / sum_j (1 - z_j).
+
+Under tf.distribute N replicas compute what one device computes on the
+global batch (`lfm_tf/distribute.py`):
+* the classifier's and the lookahead's losses are this replica's share (its
+  numerator over the global count of training-part items), their gradients
+  summed over replicas (inside the meta tape for the lookahead), so phi's
+  gradient is this replica's share of the one-device one and Keras' sum over
+  replicas completes it;
+* the splitter's objective is a function of the whole batch (mean
+  P(train), label histograms, ratios of sums): the replicas gather the
+  splitter's logits (differentiably), the labels, `correct`, z and the
+  losses, every replica evaluates the one-device objective, and Theta's
+  gradient is divided by N before Keras' sum;
+* the re-split gathers P(val) and the indices: one Gumbel top-k over the
+  global batch with the one-device noise (a stateless draw of shape [B]
+  seeded by (seed, step)), written into every replica's copy of z;
+* a cross-replica sum (all-reduces, Keras' optimizer apply) cannot sit in a
+  `tf.cond` branch in a replica context, so with more than one replica the
+  meta-net and splitter update is computed at every step and undone (phi,
+  Theta and their optimizers' variables restored) on the steps that are
+  not meta steps: the same result, at the cost of a meta step per step.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 
@@ -269,28 +291,44 @@ class Molere(base.MethodModel):
         theta' = theta - lr * grad sum_j (1-z_j) phi_j l_j / sum_j (1-z_j);
         L_val = sum_i z_i l_i(theta') / sum_i z_i, on the same batch.
 
+        Under tf.distribute the sums run over the global batch: the
+        lookahead gradient is all-reduced inside the outer tape and the
+        gradients returned are this replica's share (they add up over
+        replicas to the one-device gradient, as Keras' optimizers sum them).
+
+        Args:
+          train: the training batch (this replica's slice).
+          validation_mask: float [b], z of the slice (1 = validation).
+
         Returns:
-          (gradients aligned with `meta_net.trainable_variables`, L_val).
+          (gradients aligned with `meta_net.trainable_variables`, L_val of
+          the global batch).
         """
         params = self.learner.current()
         train_mask = 1.0 - validation_mask
         phi = self.meta_net.trainable_variables
+        train_count, validation_count = distribute.replica_sum([
+            tf.reduce_sum(train_mask), tf.reduce_sum(validation_mask)])
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 inner.watch(params)
                 losses, out = self.learner.losses(
                     params, train["image"], train["label"])
                 weights = self.example_weights(out.features)
-                lookahead_loss = tf.reduce_sum(
+                lookahead_share = tf.reduce_sum(
                     train_mask * weights * losses) / tf.maximum(
-                        tf.reduce_sum(train_mask), 1.0)
-            grads = inner.gradient(lookahead_loss, params)
+                        train_count, 1.0)
+            # Summed inside the outer tape: phi's gradient reaches every
+            # replica's training part through the one-device lookahead.
+            grads = distribute.replica_sum(
+                inner.gradient(lookahead_share, params))
             ahead, _ = self.sgd.unroll(params, grads, self.step_counter)
             val_losses, _ = self.learner.losses(
                 ahead, train["image"], train["label"])
-            val_loss = tf.reduce_sum(validation_mask * val_losses) / (
-                tf.maximum(tf.reduce_sum(validation_mask), 1.0))
-        return outer.gradient(val_loss, phi), val_loss
+            val_share = tf.reduce_sum(validation_mask * val_losses) / (
+                tf.maximum(validation_count, 1.0))
+        val_loss, = distribute.replica_sum([val_share])
+        return outer.gradient(val_share, phi), val_loss
 
     def meta_and_splitter_update(self, train, validation_mask, out, losses):
         """One phi step and one Theta step; returns their metrics."""
@@ -301,24 +339,45 @@ class Molere(base.MethodModel):
                            tf.cast(train["label"], tf.int32))
         config = self.config
         theta = self.splitter.trainable_variables
+        # The objective's means and ratios run over the global batch.
+        labels, correct, validation_mask, losses = distribute.gather_batch((
+            train["label"], tf.cast(correct, tf.int32), validation_mask,
+            tf.stop_gradient(losses)))
         with tf.GradientTape() as tape:
+            logits, = distribute.gather_batch(
+                (self.splitter_logits(out.features, train["label"]),))
             loss, parts = splitter_objective(
-                self.splitter_logits(out.features, train["label"]),
-                train["label"], correct, validation_mask, losses,
-                config.lrw_delta, self.num_classes, config.molere_w_gap,
-                config.molere_w_ratio, config.molere_w_balance,
-                config.molere_w_adversarial)
-        self.splitter_optimizer.apply(tape.gradient(loss, theta), theta)
+                logits, labels, tf.cast(correct, tf.bool), validation_mask,
+                losses, config.lrw_delta, self.num_classes,
+                config.molere_w_gap, config.molere_w_ratio,
+                config.molere_w_balance, config.molere_w_adversarial)
+        # Every replica evaluates the whole objective: the gradient through
+        # the gather is N times this replica's share.
+        self.splitter_optimizer.apply(
+            distribute.scale_gradients(tape.gradient(loss, theta)), theta)
         return dict(val_loss=val_loss, splitter_loss=loss, **parts)
 
     def resplit(self, index, features, labels):
         """New z for the batch after warm-up: round(delta * B) validation
-        items drawn without replacement in proportion to P(val | x, y)."""
+        items drawn without replacement in proportion to P(val | x, y).
+
+        Under tf.distribute the draw is over the global batch of B (P(val)
+        and the indices gathered, the one-device noise), and every replica
+        writes all B rows, so the copies of z stay equal.
+
+        Args:
+          index: int [b], this replica's rows of z.
+          features: float [b, D].
+          labels: int [b].
+        """
         probabilities = tf.nn.softmax(self.splitter_logits(features, labels))
+        validation_probabilities, index = distribute.gather_batch(
+            (probabilities[:, 0], index))
         seed = tf.stack([tf.constant(self.seed, tf.int64),
                          tf.cast(self.step_counter, tf.int64)])
-        sampled = budget_split(probabilities[:, 0], self.config.lrw_delta,
-                               seed, self.validation_assignment.dtype)
+        sampled = budget_split(validation_probabilities,
+                               self.config.lrw_delta, seed,
+                               self.validation_assignment.dtype)
         current = tf.gather(self.validation_assignment, index)
         new = tf.where(self.step_counter >= self.warmup_steps, sampled,
                        current)
@@ -345,16 +404,23 @@ class Molere(base.MethodModel):
                 train, validation_mask, out, losses)
             return [tf.cast(values[n], losses.dtype) for n in names]
 
-        meta_values = tf.cond(
-            is_meta_step, update,
-            lambda: [tf.zeros((), losses.dtype)] * len(names))
+        def skipped():
+            return [tf.zeros((), losses.dtype)] * len(names)
+
+        if distribute.num_replicas() > 1:
+            meta_values = self._update_unless_skipped(is_meta_step, update,
+                                                      skipped)
+        else:
+            meta_values = tf.cond(is_meta_step, update, skipped)
         # The classifier step on the training part, phi after its update.
         train_mask = 1.0 - validation_mask
+        train_count, = distribute.replica_sum([tf.reduce_sum(train_mask)])
         with tape:
             weights = tf.stop_gradient(self.example_weights(out.features))
-            loss = tf.reduce_sum(train_mask * weights * losses) / (
-                tf.maximum(tf.reduce_sum(train_mask), 1.0))
-        grads = tape.gradient(loss, params)
+            share = tf.reduce_sum(train_mask * weights * losses) / (
+                tf.maximum(train_count, 1.0))
+        grads = distribute.replica_sum(tape.gradient(share, params))
+        loss, = distribute.replica_sum([share])
         new_params, new_momenta = self.sgd.unroll(params, grads,
                                                   self.step_counter)
         self.sgd.assign(self.learner.variables, new_params, new_momenta)
@@ -371,3 +437,26 @@ class Molere(base.MethodModel):
             train["label"], out.logits, loss=loss,
             weight_mean=tf.reduce_mean(weights),
             validation_fraction=tf.reduce_mean(self.validation_assignment))
+
+    def _update_unless_skipped(self, is_meta_step, update, skipped):
+        """`update()` kept only where `is_meta_step` (several replicas).
+
+        The update's all-reduces and Keras' cross-replica optimizer sums
+        cannot run inside a `tf.cond` branch in a replica context, so it runs
+        at every step and phi, Theta and their optimizers' variables (Adam
+        moments, iteration counts) are restored on the other steps.
+
+        Returns:
+          `update()`'s values on meta steps, `skipped()`'s elsewhere.
+        """
+        state = (list(self.meta_net.trainable_variables)
+                 + list(self.meta_optimizer.variables)
+                 + list(self.splitter.trainable_variables)
+                 + list(self.splitter_optimizer.variables))
+        before = [tf.identity(v) for v in state]
+        values = update()
+        for variable, old in zip(state, before):
+            variable.assign(tf.where(is_meta_step,
+                                     tf.convert_to_tensor(variable), old))
+        return [tf.where(is_meta_step, new, zero)
+                for new, zero in zip(values, skipped())]

@@ -35,6 +35,21 @@ Choices where the paper/code is silent or that we changed (README "penalty"):
 * v is stepped by Adam (`--penalty_learner_learning_rate`), as in the
   authors' code; the engine's functional SGD and `--w1_learning_rate` are
   not used by this method.
+
+Under tf.distribute N replicas compute what one device computes on the
+global batch (`lfm_tf/distribute.py`). Each replica computes its *share* of
+g and f (the shares add up over replicas: g's ratio has the global sum of a
+in its denominator, f's mean the global meta count), and grad_v g is the
+all-reduced sum of the shares' gradients, taken inside the outer tape. So
+h_upper and h_lower are the one-device objectives, the same on every
+replica; their gradients come back through the all-reduces N times each
+replica's share, hence grad_v h_lower is averaged over replicas and each
+replica's rows of grad_u h_upper are divided by N. The u table and its
+moments are updated on every replica from the gathered rows and gradients
+of the global batch, the gradient-norm test uses global norms, so every
+replica holds the same u, v, nu and schedule. All-reduces cannot sit in a
+`tf.while_loop` body in a replica context, so with more than one replica
+the T inner steps are unrolled in Python (T copies of the step to trace).
 """
 
 from typing import Callable, List, NamedTuple, Sequence
@@ -42,6 +57,7 @@ from typing import Callable, List, NamedTuple, Sequence
 import keras
 import tensorflow as tf
 
+from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 
@@ -124,16 +140,24 @@ def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
     objectives built from it, which is where the Hessian-vector products
     H_vv (nu + rho grad_v g) and H_uv (nu + rho grad_v g) come from.
 
+    Under tf.distribute `upper_fn` and `lower_fn` return this replica's
+    share of f and g (the shares of all replicas add up to the one-device
+    value); the shares and grad_v g are summed over replicas inside the
+    outer tape, so every replica differentiates the one-device objectives
+    (module docstring). With one replica the shares are f and g.
+
     Args:
-      upper_fn: (u, v) -> scalar f.
-      lower_fn: (u, v) -> (scalar g, aux).
-      u: tensor, the upper variable.
+      upper_fn: (u, v) -> scalar f (this replica's share).
+      lower_fn: (u, v) -> (scalar g (this replica's share), aux).
+      u: tensor, the upper variable (this replica's rows of it).
       v: list of tensors, the lower variable.
       multipliers: nu, list shaped like v.
       rho, lam: scalars.
 
     Returns:
-      `PenaltyGradients`.
+      `PenaltyGradients`: f, g, h, grad_v g and grad_v h_lower the
+      one-device values on every replica; grad_u the one-device gradient of
+      this replica's rows of u.
     """
     v = list(v)
     zero = tf.UnconnectedGradients.ZERO
@@ -142,14 +166,22 @@ def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
         outer.watch(v)
         with tf.GradientTape() as inner:
             inner.watch(v)
-            lower_loss, aux = lower_fn(u, v)
+            lower_share, aux = lower_fn(u, v)
         # Not stopped: the outer tape must see grad_v g as a function of u, v.
-        lower_grads = inner.gradient(lower_loss, v, unconnected_gradients=zero)
-        upper_loss = upper_fn(u, v)
+        # Summed inside the outer tape, so the Hessian-vector products reach
+        # every replica's examples.
+        lower_grads = distribute.replica_sum(
+            inner.gradient(lower_share, v, unconnected_gradients=zero))
+        upper_loss, lower_loss = distribute.replica_sum(
+            [upper_fn(u, v), lower_share])
         h_upper, h_lower = penalty_objectives(
             upper_loss, lower_loss, lower_grads, multipliers, rho, lam)
-    grad_v = outer.gradient(h_lower, v, unconnected_gradients=zero)
-    grad_u = outer.gradient(h_upper, u, unconnected_gradients=zero)
+    # Every replica differentiates the same h, so the gradients through the
+    # all-reduces are N times this replica's share of the one-device ones.
+    grad_v = distribute.replica_mean(
+        outer.gradient(h_lower, v, unconnected_gradients=zero))
+    grad_u, = distribute.scale_gradients(
+        [outer.gradient(h_upper, u, unconnected_gradients=zero)])
     del outer
     return PenaltyGradients(h_upper, h_lower, upper_loss, lower_loss, grad_u,
                             grad_v, lower_grads, aux)
@@ -271,22 +303,33 @@ class Penalty(base.MethodModel):
         return squash(tf.gather(self.example_weight_logits, index))
 
     def objectives(self, train, meta):
-        """(upper_fn, lower_fn) for one training and one meta batch."""
+        """(upper_fn, lower_fn) for one training and one meta batch.
+
+        Under tf.distribute each returns this replica's share (module
+        docstring): g's ratio divides by sum_i a_i over the global batch and
+        its weight decay by N; f divides by the global meta count.
+        """
+        replicas = distribute.num_replicas()
 
         def lower(u, v):
             losses, out = self.learner.losses(v, train["image"],
                                               train["label"])
             a = squash(tf.cast(u, losses.dtype))
-            loss = tf.reduce_sum(a * losses) / tf.reduce_sum(a)
+            # A ratio of sums over the global batch, not of per-replica
+            # ratios; the all-reduce is differentiable in u.
+            total, = distribute.replica_sum([tf.reduce_sum(a)])
+            loss = tf.reduce_sum(a * losses) / total
             if self.weight_decay:
-                loss += 0.5 * self.weight_decay * tf.add_n(
+                loss += 0.5 * self.weight_decay / replicas * tf.add_n(
                     [tf.reduce_sum(tf.square(p)) for p in v])
             return loss, out
 
         def upper(u, v):
             del u  # grad_u f = 0: f is the meta loss of v alone.
             losses, _ = self.learner.losses(v, meta["image"], meta["label"])
-            return tf.reduce_mean(losses)
+            count, = distribute.replica_sum(
+                [tf.cast(tf.shape(losses)[0], losses.dtype)])
+            return tf.reduce_sum(losses) / count
 
         return upper, lower
 
@@ -315,7 +358,16 @@ class Penalty(base.MethodModel):
         self.learner_count.assign(count)
 
     def weight_step(self, index, grad):
-        """One Adam step on the rows `index` of u (per-example moments)."""
+        """One Adam step on the rows `index` of u (per-example moments).
+
+        Under tf.distribute every replica steps the rows of the global batch
+        (gathered), so the replicas' copies of the tables stay equal.
+
+        Args:
+          index: int [b], this replica's rows.
+          grad: float [b], their one-device gradients.
+        """
+        index, grad = distribute.gather_batch((index, grad))
         rows = index[:, None]
         new, first, second, count = adam_step(
             tf.gather(self.example_weight_logits, index), grad,
@@ -338,10 +390,16 @@ class Penalty(base.MethodModel):
             self.learner_step(self.penalty_terms(train, meta, u).grad_v)
             return (i + 1,)
 
-        # A graph loop: T copies of a double-backprop graph would make
-        # tracing T times slower.
-        tf.while_loop(lambda i: i < self.config.penalty_inner_steps,
-                      inner_step, (tf.constant(0),))
+        if distribute.num_replicas() > 1:
+            # All-reduces cannot sit in a while_loop body in a replica
+            # context: T copies of the step.
+            for i in range(self.config.penalty_inner_steps):
+                inner_step(i)
+        else:
+            # A graph loop: T copies of a double-backprop graph would make
+            # tracing T times slower.
+            tf.while_loop(lambda i: i < self.config.penalty_inner_steps,
+                          inner_step, (tf.constant(0),))
         result = self.penalty_terms(train, meta, u)
         # BN statistics: one update per step, from the last lower forward.
         self.learner.assign_states(result.aux.states)
@@ -367,8 +425,10 @@ class Penalty(base.MethodModel):
         """The gradient-norm test and, when it passes, nu's update."""
         schedule = Schedule(*[tf.convert_to_tensor(v)
                               for v in self.schedule_variables])
-        passed = converged(_squared_norm([result.grad_u]),
-                           _squared_norm(result.grad_v),
+        # Global norms (grad_v is already the one-device gradient), so every
+        # replica takes the same branch.
+        upper_norm, = distribute.replica_sum([_squared_norm([result.grad_u])])
+        passed = converged(upper_norm, _squared_norm(result.grad_v),
                            tf.cast(schedule.epsilon, result.grad_u.dtype))
         config = self.config
         new = schedule_update(

@@ -20,6 +20,7 @@ import sys
 import h5py
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32, reductions in a different order: relative to the largest entry.
@@ -98,9 +99,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-class MultiWorkerTest(tf.test.TestCase):
+class MultiWorkerTest(tf.test.TestCase, parameterized.TestCase):
 
-    def test_two_workers_train_to_the_end_and_agree(self):
+    # LRW-Hard: its ERM phase and re-split run on each worker before the
+    # strategy's MW-Net phase, and must give both workers the same split.
+    @parameterized.parameters("lfm", "lrw_hard")
+    def test_two_workers_train_to_the_end_and_agree(self, method):
         ports = [_free_port(), _free_port()]
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         workers = []
@@ -112,6 +116,7 @@ class MultiWorkerTest(tf.test.TestCase):
             workers.append((workdir, subprocess.Popen(
                 [sys.executable, "-m", "pipelines.train",
                  "--flagfile=configs/smoke/train_lfm.flags",
+                 f"--method={method}",
                  "--strategy=multi_worker", "--steps_per_epoch=3",
                  "--batch_size=32", "--meta_batch_size=24",
                  f"--workdir={workdir}"],

@@ -27,7 +27,8 @@ STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 # The methods whose train steps scale their losses (optimization/
 # loss_scale.py), so they may compute in float16.
-FLOAT16_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm")
+FLOAT16_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm",
+                   "penalty", "molere")
 # Refused under multi-replica strategies: LFM-DARTS, whose 2-replica step
 # matched one device in most runs but once missed by 3.4e-2 on alpha's
 # momentum (cause not yet found).

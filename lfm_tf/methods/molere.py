@@ -65,6 +65,17 @@ global batch (`lfm_tf/distribute.py`):
   meta-net and splitter update is computed at every step and undone (phi,
   Theta and their optimizers' variables restored) on the steps that are
   not meta steps: the same result, at the cost of a meta step per step.
+
+Under `mixed_float16` the classifier computes in float16 and phi and Theta
+in float32 (their inputs are the float32 trunk features; the splitter's KL
+terms need float32's range). The classifier's gradients and the lookahead's
+inner and outer gradients are grad(S * .) / S with the dynamic loss scale S
+(`optimization/loss_scale.py`); Theta's objective never crosses a float16
+layer, so its gradient needs no scale. A step with any non-finite value is
+undone whole: theta and its momenta, BatchNorm's statistics, phi, Theta,
+their optimizers' slots and counts and the z table keep their values, and S
+halves. Off the K-step grid the meta update cannot make a step non-finite
+(it is not taken, or undone under several replicas).
 """
 
 import keras
@@ -181,21 +192,37 @@ def splitter_objective(splitter_logits, labels, correct, validation_mask,
     return regulariser - w_adversarial * parts["soft_val_loss"], parts
 
 
+def _variable_dtype_under_mixed_precision():
+    """The policy's variable dtype (float32) under a mixed policy, else None
+    (follow the policy, e.g. float64 in tests); as MW-Net's meta-net."""
+    policy = keras.config.dtype_policy()
+    return (policy.variable_dtype
+            if policy.compute_dtype != policy.variable_dtype else None)
+
+
 def build_splitter(feature_dim, num_classes, hidden, name="splitter"):
-    """MLP [features, one-hot label] -> 2 logits (column 1: "train")."""
+    """MLP [features, one-hot label] -> 2 logits (column 1: "train").
+
+    Under a mixed-precision policy it computes in float32: its input is the
+    float32 trunk output, and the KL terms' log(q + 1e-8) would meet
+    log(0) in float16.
+    """
+    dtype = _variable_dtype_under_mixed_precision()
     return keras.Sequential([
         keras.Input((feature_dim + num_classes,)),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dense(2),
+        keras.layers.Dense(hidden, activation="relu", dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
     ], name=name)
 
 
 def build_feature_meta_net(feature_dim, hidden, name="meta_net"):
-    """phi: MLP features -> weight in (0, 1)."""
+    """phi: MLP features -> weight in (0, 1); float32 under a mixed-precision
+    policy (its weights multiply float32 losses)."""
+    dtype = _variable_dtype_under_mixed_precision()
     return keras.Sequential([
         keras.Input((feature_dim,)),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dense(1, activation="sigmoid"),
+        keras.layers.Dense(hidden, activation="relu", dtype=dtype),
+        keras.layers.Dense(1, activation="sigmoid", dtype=dtype),
     ], name=name)
 
 
@@ -320,18 +347,25 @@ class Molere(base.MethodModel):
                         train_count, 1.0)
             # Summed inside the outer tape: phi's gradient reaches every
             # replica's training part through the one-device lookahead.
+            # Unscaled inside the outer tape (loss_scale.py): theta' is
+            # unchanged and its second-order path to phi flows.
             grads = distribute.replica_sum(
-                inner.gradient(lookahead_share, params))
+                self.loss_scale.gradient(inner, lookahead_share, params))
             ahead, _ = self.sgd.unroll(params, grads, self.step_counter)
             val_losses, _ = self.learner.losses(
                 ahead, train["image"], train["label"])
             val_share = tf.reduce_sum(validation_mask * val_losses) / (
                 tf.maximum(validation_count, 1.0))
         val_loss, = distribute.replica_sum([val_share])
-        return outer.gradient(val_share, phi), val_loss
+        return self.loss_scale.gradient(outer, val_share, phi), val_loss
 
     def meta_and_splitter_update(self, train, validation_mask, out, losses):
-        """One phi step and one Theta step; returns their metrics."""
+        """One phi step and one Theta step.
+
+        Returns:
+          (dict of their metrics, bool scalar: whether both steps'
+          gradients were finite; True without loss scaling).
+        """
         phi_grads, val_loss = self.meta_gradient(train, validation_mask)
         self.meta_optimizer.apply(phi_grads,
                                   self.meta_net.trainable_variables)
@@ -352,10 +386,12 @@ class Molere(base.MethodModel):
                 config.molere_w_gap, config.molere_w_ratio,
                 config.molere_w_balance, config.molere_w_adversarial)
         # Every replica evaluates the whole objective: the gradient through
-        # the gather is N times this replica's share.
-        self.splitter_optimizer.apply(
-            distribute.scale_gradients(tape.gradient(loss, theta)), theta)
-        return dict(val_loss=val_loss, splitter_loss=loss, **parts)
+        # the gather is N times this replica's share. Float32 throughout
+        # (features, Theta, the objective), so it needs no loss scale.
+        theta_grads = distribute.scale_gradients(tape.gradient(loss, theta))
+        self.splitter_optimizer.apply(theta_grads, theta)
+        finite = self.loss_scale.finite(list(phi_grads) + list(theta_grads))
+        return dict(val_loss=val_loss, splitter_loss=loss, **parts), finite
 
     def resplit(self, index, features, labels):
         """New z for the batch after warm-up: round(delta * B) validation
@@ -387,6 +423,10 @@ class Molere(base.MethodModel):
     def train_step(self, data):
         train = data["train"]
         index = tf.cast(train["index"], tf.int32)
+        # Under loss scaling a non-finite step is undone whole (module
+        # docstring); phi, Theta and z are written before it shows.
+        state = self.meta_state_variables() + [self.validation_assignment]
+        before = self.loss_scale.snapshot(state)
         params = self.learner.current()
         with tf.GradientTape() as tape:
             tape.watch(params)
@@ -400,18 +440,18 @@ class Molere(base.MethodModel):
                  "balance_loss", "soft_val_loss")
 
         def update():
-            values = self.meta_and_splitter_update(
+            values, finite = self.meta_and_splitter_update(
                 train, validation_mask, out, losses)
-            return [tf.cast(values[n], losses.dtype) for n in names]
+            return [tf.cast(values[n], losses.dtype) for n in names], finite
 
         def skipped():
-            return [tf.zeros((), losses.dtype)] * len(names)
+            return [tf.zeros((), losses.dtype)] * len(names), tf.constant(True)
 
         if distribute.num_replicas() > 1:
-            meta_values = self._update_unless_skipped(is_meta_step, update,
-                                                      skipped)
+            meta_values, finite = self._update_unless_skipped(
+                is_meta_step, update, skipped)
         else:
-            meta_values = tf.cond(is_meta_step, update, skipped)
+            meta_values, finite = tf.cond(is_meta_step, update, skipped)
         # The classifier step on the training part, phi after its update.
         train_mask = 1.0 - validation_mask
         train_count, = distribute.replica_sum([tf.reduce_sum(train_mask)])
@@ -419,13 +459,23 @@ class Molere(base.MethodModel):
             weights = tf.stop_gradient(self.example_weights(out.features))
             share = tf.reduce_sum(train_mask * weights * losses) / (
                 tf.maximum(train_count, 1.0))
-        grads = distribute.replica_sum(tape.gradient(share, params))
+        grads = distribute.replica_sum(
+            self.loss_scale.gradient(tape, share, params))
         loss, = distribute.replica_sum([share])
         new_params, new_momenta = self.sgd.unroll(params, grads,
                                                   self.step_counter)
-        self.sgd.assign(self.learner.variables, new_params, new_momenta)
-        self.learner.assign_states(out.states)
+        if self.loss_scale.enabled:
+            finite = _on_every_replica(tf.logical_and(
+                finite, self.loss_scale.finite(
+                    new_params + new_momenta + out.states)))
+        self.sgd.assign(
+            self.learner.variables,
+            self.loss_scale.select(finite, new_params, params),
+            self.loss_scale.select(finite, new_momenta, self.sgd.momenta))
+        self.learner.assign_states(self.loss_scale.select(
+            finite, out.states, self.learner.state_variables))
         self.resplit(index, out.features, train["label"])
+        self.loss_scale.restore_unless(finite, state, before)
         meta_weight = tf.cast(is_meta_step, losses.dtype)
         for name, value in zip(names, meta_values):
             self._trackers[name].update_state(value, sample_weight=meta_weight)
@@ -434,9 +484,18 @@ class Molere(base.MethodModel):
         self._trackers["validation_corrupted"].update_state(
             corrupted, sample_weight=validation_mask)
         return self.finish_step(
-            train["label"], out.logits, loss=loss,
+            train["label"], out.logits,
+            finite=finite if self.loss_scale.enabled else None, loss=loss,
             weight_mean=tf.reduce_mean(weights),
             validation_fraction=tf.reduce_mean(self.validation_assignment))
+
+    def meta_state_variables(self):
+        """phi, Theta and their optimizers' variables (Adam moments,
+        iteration counts): what a meta update writes."""
+        return (list(self.meta_net.trainable_variables)
+                + list(self.meta_optimizer.variables)
+                + list(self.splitter.trainable_variables)
+                + list(self.splitter_optimizer.variables))
 
     def _update_unless_skipped(self, is_meta_step, update, skipped):
         """`update()` kept only where `is_meta_step` (several replicas).
@@ -447,16 +506,24 @@ class Molere(base.MethodModel):
         moments, iteration counts) are restored on the other steps.
 
         Returns:
-          `update()`'s values on meta steps, `skipped()`'s elsewhere.
+          `update()`'s (values, finite) on meta steps, `skipped()`'s
+          elsewhere: an undone update cannot make the step non-finite.
         """
-        state = (list(self.meta_net.trainable_variables)
-                 + list(self.meta_optimizer.variables)
-                 + list(self.splitter.trainable_variables)
-                 + list(self.splitter_optimizer.variables))
+        state = self.meta_state_variables()
         before = [tf.identity(v) for v in state]
-        values = update()
+        values, finite = update()
         for variable, old in zip(state, before):
             variable.assign(tf.where(is_meta_step,
                                      tf.convert_to_tensor(variable), old))
-        return [tf.where(is_meta_step, new, zero)
-                for new, zero in zip(values, skipped())]
+        zeros, skipped_finite = skipped()
+        return ([tf.where(is_meta_step, new, zero)
+                 for new, zero in zip(values, zeros)],
+                tf.where(is_meta_step, finite, skipped_finite))
+
+
+def _on_every_replica(finite):
+    """True iff `finite` (bool scalar) holds on every replica, so that all
+    replicas skip or keep a step together (itself with one replica)."""
+    failures, = distribute.replica_sum(
+        [tf.cast(tf.logical_not(finite), tf.float32)])
+    return tf.equal(failures, 0.0)

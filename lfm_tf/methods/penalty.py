@@ -50,6 +50,16 @@ of the global batch, the gradient-norm test uses global norms, so every
 replica holds the same u, v, nu and schedule. All-reduces cannot sit in a
 `tf.while_loop` body in a replica context, so with more than one replica
 the T inner steps are unrolled in Python (T copies of the step to trace).
+
+Under `mixed_float16` every gradient, first and second order, is
+grad(S * .) / S with the dynamic loss scale S (`optimization/loss_scale.py`):
+grad_v g is unscaled in float32 inside the outer tape, so the outer
+gradients' Hessian-vector products flow through it unchanged. A step with any
+non-finite value is undone whole: v, u, their Adam moments and counts, nu,
+the schedule (so the gradient-norm test does not fire) and BatchNorm's
+statistics keep their values, and S halves. The per-epoch renormalisation of
+u follows the data position (as the step counter), so it runs on a skipped
+step too.
 """
 
 from typing import Callable, List, NamedTuple, Sequence
@@ -60,6 +70,7 @@ import tensorflow as tf
 from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
+from lfm_tf.optimization import loss_scale as loss_scale_lib
 
 # Keeps atanh finite after renormalisation (the authors' clip).
 _CLIP = 1e-5
@@ -133,7 +144,8 @@ class PenaltyGradients(NamedTuple):
 
 
 def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
-                      v: Sequence[tf.Tensor], multipliers, rho, lam):
+                      v: Sequence[tf.Tensor], multipliers, rho, lam,
+                      scale=None):
     """Both descent directions of the penalty method, by nested tapes.
 
     The inner tape gives grad_v g; the outer tape differentiates the
@@ -153,6 +165,10 @@ def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
       v: list of tensors, the lower variable.
       multipliers: nu, list shaped like v.
       rho, lam: scalars.
+      scale: float32 scalar loss scale S, or None (no scaling). Given,
+        every gradient is taken as grad(S * .) / S; the inner one is
+        unscaled inside the outer tape, so the second-order terms carry S
+        once, from the outer seed, and the results are unchanged.
 
     Returns:
       `PenaltyGradients`: f, g, h, grad_v g and grad_v h_lower the
@@ -160,7 +176,6 @@ def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
       this replica's rows of u.
     """
     v = list(v)
-    zero = tf.UnconnectedGradients.ZERO
     with tf.GradientTape(persistent=True) as outer:
         outer.watch(u)
         outer.watch(v)
@@ -171,20 +186,39 @@ def penalty_gradients(upper_fn: Callable, lower_fn: Callable, u,
         # Summed inside the outer tape, so the Hessian-vector products reach
         # every replica's examples.
         lower_grads = distribute.replica_sum(
-            inner.gradient(lower_share, v, unconnected_gradients=zero))
+            _gradients(inner, lower_share, v, scale))
         upper_loss, lower_loss = distribute.replica_sum(
             [upper_fn(u, v), lower_share])
         h_upper, h_lower = penalty_objectives(
             upper_loss, lower_loss, lower_grads, multipliers, rho, lam)
     # Every replica differentiates the same h, so the gradients through the
     # all-reduces are N times this replica's share of the one-device ones.
-    grad_v = distribute.replica_mean(
-        outer.gradient(h_lower, v, unconnected_gradients=zero))
+    grad_v = distribute.replica_mean(_gradients(outer, h_lower, v, scale))
     grad_u, = distribute.scale_gradients(
-        [outer.gradient(h_upper, u, unconnected_gradients=zero)])
+        _gradients(outer, h_upper, [u], scale))
     del outer
     return PenaltyGradients(h_upper, h_lower, upper_loss, lower_loss, grad_u,
                             grad_v, lower_grads, aux)
+
+
+def _gradients(tape, target, sources, scale):
+    """d target / d sources, zeros where unconnected.
+
+    Args:
+      tape: the `tf.GradientTape` that recorded `target`.
+      target: float scalar.
+      sources: list of tensors.
+      scale: float32 scalar S, taken as grad(S * target) / S, or None.
+
+    Returns:
+      List of tensors shaped like `sources`.
+    """
+    if scale is None:
+        zero = tf.UnconnectedGradients.ZERO
+        return tape.gradient(target, sources, unconnected_gradients=zero)
+    grads = loss_scale_lib.scaled_gradient(tape, target, sources, scale)
+    return [tf.zeros_like(s) if g is None else g
+            for s, g in zip(sources, grads)]
 
 
 def adam_step(param, grad, first, second, count, learning_rate,
@@ -341,7 +375,19 @@ class Penalty(base.MethodModel):
             upper, lower, u, self.learner.current(),
             [tf.convert_to_tensor(n) for n in self.multipliers],
             tf.convert_to_tensor(schedule.rho),
-            tf.convert_to_tensor(schedule.lam))
+            tf.convert_to_tensor(schedule.lam),
+            scale=self.loss_scale.scale if self.loss_scale.enabled else None)
+
+    def step_state_variables(self):
+        """Every variable a step writes (what a skipped step restores): v,
+        u, their Adam moments and counts, nu, the schedule and BatchNorm's
+        statistics."""
+        return (self.learner.variables + self.learner_first
+                + self.learner_second + [self.learner_count]
+                + [self.example_weight_logits, self.weight_first,
+                   self.weight_second, self.weight_count]
+                + self.multipliers + list(self.schedule_variables)
+                + self.learner.state_variables)
 
     def learner_step(self, grads):
         """One Adam step on v from grad_v h_lower."""
@@ -384,29 +430,47 @@ class Penalty(base.MethodModel):
     def train_step(self, data):
         train, meta = data["train"], data["meta"]
         index = tf.cast(train["index"], tf.int32)
+        # Under loss scaling a non-finite step is undone whole (module
+        # docstring); the T inner steps already wrote v when it shows.
+        state = (self.step_state_variables() if self.loss_scale.enabled
+                 else [])
+        before = self.loss_scale.snapshot(state)
         u = tf.gather(self.example_weight_logits, index)
 
-        def inner_step(i):
-            self.learner_step(self.penalty_terms(train, meta, u).grad_v)
-            return (i + 1,)
+        def inner_step(i, finite):
+            grads = self.penalty_terms(train, meta, u).grad_v
+            self.learner_step(grads)
+            return i + 1, tf.logical_and(finite,
+                                         self.loss_scale.finite(grads))
 
+        finite = tf.constant(True)
         if distribute.num_replicas() > 1:
             # All-reduces cannot sit in a while_loop body in a replica
             # context: T copies of the step.
             for i in range(self.config.penalty_inner_steps):
-                inner_step(i)
+                _, finite = inner_step(i, finite)
         else:
             # A graph loop: T copies of a double-backprop graph would make
             # tracing T times slower.
-            tf.while_loop(lambda i: i < self.config.penalty_inner_steps,
-                          inner_step, (tf.constant(0),))
+            _, finite = tf.while_loop(
+                lambda i, _: i < self.config.penalty_inner_steps,
+                inner_step, (tf.constant(0), finite))
         result = self.penalty_terms(train, meta, u)
         # BN statistics: one update per step, from the last lower forward.
         self.learner.assign_states(result.aux.states)
         self.weight_step(index, result.grad_u)
         u = tf.gather(self.example_weight_logits, index)
+        first_grad_u = result.grad_u
         result = self.penalty_terms(train, meta, u)
         self.update_schedule(result)
+        if self.loss_scale.enabled:
+            # A non-finite gradient reaches the written values through Adam,
+            # except where the test's NaN norm merely fails it; both checked.
+            finite = _on_every_replica(tf.logical_and(
+                finite, self.loss_scale.finite(
+                    [first_grad_u, result.grad_u] + result.grad_v
+                    + result.lower_grads + state)))
+        self.loss_scale.restore_unless(finite, state, before)
         self._renormalize_at_epoch_end()
         weights = squash(u)
         corrupted = tf.cast(
@@ -416,7 +480,9 @@ class Penalty(base.MethodModel):
         self._trackers["weight_corrupted"].update_state(
             weights, sample_weight=corrupted)
         return self.finish_step(
-            train["label"], result.aux.logits, loss=result.lower_loss,
+            train["label"], result.aux.logits,
+            finite=finite if self.loss_scale.enabled else None,
+            loss=result.lower_loss,
             val_loss=result.upper_loss, rho=self.schedule_variables.rho,
             constraint_norm=tf.sqrt(_squared_norm(result.lower_grads)),
             weight_mean=tf.reduce_mean(weights))
@@ -448,6 +514,14 @@ class Penalty(base.MethodModel):
         logits = self.example_weight_logits
         logits.assign(tf.cond(at_end, lambda: renormalize_logits(logits),
                               lambda: tf.convert_to_tensor(logits)))
+
+
+def _on_every_replica(finite):
+    """True iff `finite` (bool scalar) holds on every replica, so that all
+    replicas skip or keep a step together (itself with one replica)."""
+    failures, = distribute.replica_sum(
+        [tf.cast(tf.logical_not(finite), tf.float32)])
+    return tf.equal(failures, 0.0)
 
 
 def _squared_norm(tensors):

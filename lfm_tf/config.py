@@ -25,10 +25,6 @@ METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
 DBL_VALIDATION = ("train_split", "meta")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
-# The methods whose train steps scale their losses (optimization/
-# loss_scale.py), so they may compute in float16.
-FLOAT16_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm",
-                   "penalty", "molere")
 # Refused under multi-replica strategies: LFM-DARTS, whose 2-replica step
 # matched one device in most runs but once missed by 3.4e-2 on alpha's
 # momentum (cause not yet found).
@@ -580,9 +576,7 @@ class TrainConfig:
         (compute in bfloat16 / float16; variables, heads, losses and
         finite-difference perturbations in float32). float16 uses dynamic
         loss scaling through the unrolled inner steps and the outer
-        gradients (optimization/loss_scale.py); only the methods in
-        `FLOAT16_METHODS` have it (ExperimentConfig.validate refuses the
-        others).
+        gradients of every method (optimization/loss_scale.py).
     """
 
     epochs: int = 1
@@ -638,17 +632,6 @@ class ExperimentConfig:
                 "so replicas would not compute the one-device step. Set "
                 "--strategy=one_device, or pick a method that supports "
                 f"{list(MULTI_REPLICA_STRATEGIES)}."
-            )
-        if (self.train.mixed_precision == "mixed_float16"
-                and self.method.method not in FLOAT16_METHODS):
-            raise ValueError(
-                "Received mixed_precision='mixed_float16' with "
-                f"method={self.method.method!r}; expected one of "
-                f"{list(FLOAT16_METHODS)} for float16, whose steps scale "
-                "their losses (this method's steps do not, so its float16 "
-                "gradients could underflow). Set "
-                "--mixed_precision=mixed_bfloat16 (float32's range, no loss "
-                "scaling needed) or --mixed_precision=none."
             )
         if (
             self.method.method == "dbl"

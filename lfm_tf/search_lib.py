@@ -70,8 +70,12 @@ def run_search(config, workdir):
             stage = search_factory.SearchStage(
                 cells, done["next_normal_ops"], done["next_reduce_ops"])
             continue
-        model = search_factory.build_search_method(config, data["facts"],
-                                                   stage)
+        # Under the run's dtype policy, as train_lib builds the others.
+        with train_lib._precision(config.train.mixed_precision):  # pylint: disable=protected-access
+            model = search_factory.build_search_method(
+                config, data["facts"], stage)
+        if config.train.mixed_precision != "none":
+            search_factory.float32_outputs(model)
         _carry_over(previous, model)
         timer = _FirstStep()
         _fit_stage(config, data, model, stage, workdir, writer, timer)

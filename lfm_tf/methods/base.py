@@ -130,8 +130,8 @@ class MethodModel(keras.Model):
           labels: int [B].
           logits: float [B, C].
           finite: bool scalar, whether the step's updates were finite (and
-            applied); moves the loss scale. None: the method does not scale
-            losses (config.py refuses mixed_float16 for it).
+            applied); moves the loss scale. None: the scale is left alone
+            (disabled, or the method moves it itself, as LFM-DR does).
           **values: scalar metrics by tracker name.
 
         Returns:

@@ -19,6 +19,14 @@ all-reduced inside the outer tape, each replica takes the validation loss of
 its own slice of the meta batch (a mean, so the replicas' shares add up to
 the one-device loss), α's gradient is summed over replicas before it is
 clipped and decayed, and the weight step uses the all-reduced gradient.
+
+Under `mixed_float16` the supernet's ops compute in float16 while α, its
+softmax, each edge's weighted sum and every loss stay float32
+(`search_network.MixedOp`). Every gradient (the virtual step's, α's through it,
+the weight step's) is taken with the loss scale as its seed and unscaled in
+float32 inside the outer tape (optimization/loss_scale.py). A step with any
+non-finite value changes nothing: α and its Adam state are restored, the
+weights and momenta kept; the scale halves.
 """
 
 import keras
@@ -118,19 +126,45 @@ class Darts(base.MethodModel):
 
     def train_step(self, data):
         train, meta = data["train"], data["meta"]
+        arch_state = (self.arch_state_variables()
+                      if self.loss_scale.enabled else [])
+        before = self.loss_scale.snapshot(arch_state)
+        finite = tf.constant(True)
         if self.arch_updates:
             val_loss, arch_grads = self.architecture_gradient(train, meta)
             self.arch_step.apply(arch_grads)
+            # α after its step rather than its gradient: the gradient is
+            # this replica's share, α is the same on every replica, so all
+            # replicas agree (a non-finite gradient makes α NaN via Adam).
+            finite = self.loss_scale.finite(self.arch_step.variables)
         else:
             val_loss = tf.constant(0.0)
-        loss, logits = self.weight_step(train)
+        loss, logits, finite = self.weight_step(train, finite)
+        self.loss_scale.restore_unless(finite, arch_state, before)
         normal, reduce = self.architecture.probabilities()
         return self.finish_step(
-            train["label"], logits, loss=loss, val_loss=val_loss,
+            train["label"], logits, finite=finite, loss=loss,
+            val_loss=val_loss,
             arch_entropy=(entropy(normal) + entropy(reduce)) / 2.0)
 
-    def weight_step(self, train):
-        """w <- SGD step on L_train(w, α); returns (loss, logits)."""
+    def arch_state_variables(self):
+        """What α's step writes: α, its Adam moments and iteration count
+        (restored when the step turns out non-finite)."""
+        return self.arch_step.variables + list(
+            self.arch_step.optimizer.variables)
+
+    def weight_step(self, train, finite=True):
+        """w <- SGD step on L_train(w, α).
+
+        Args:
+          train: the training batch.
+          finite: bool scalar, whether α's step was finite; under loss
+            scaling w is only stepped if it and this step's values are.
+
+        Returns:
+          (loss, logits float [B, C], bool scalar: whether the whole step
+          is finite).
+        """
         params = self.learner.current()
         with tf.GradientTape() as tape:
             tape.watch(params)
@@ -138,11 +172,17 @@ class Darts(base.MethodModel):
                                               train["label"])
             loss = tf.reduce_mean(losses)
         new_params, new_momenta = self.sgd.unroll(
-            params, distribute.replica_mean(tape.gradient(loss, params)),
+            params, distribute.replica_mean(
+                self.loss_scale.gradient(tape, loss, params)),
             self.step_counter)
-        self.sgd.assign(self.learner.variables, new_params, new_momenta)
+        finite = tf.logical_and(
+            finite, self.loss_scale.finite(new_params + new_momenta))
+        self.sgd.assign(
+            self.learner.variables,
+            self.loss_scale.select(finite, new_params, params),
+            self.loss_scale.select(finite, new_momenta, self.sgd.momenta))
         self.learner.assign_states(out.states)
-        return loss, out.logits
+        return loss, out.logits, finite
 
     def train_loss(self, params, train):
         losses, _ = self.learner.losses(params, train["image"],
@@ -159,7 +199,10 @@ class Darts(base.MethodModel):
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = self.train_loss(params, train)
-        grads = distribute.replica_mean(tape.gradient(loss, params))
+        # Scaled and unscaled inside the outer tape: w' is unchanged and
+        # α's second-order path flows (loss_scale.py).
+        grads = distribute.replica_mean(
+            self.loss_scale.gradient(tape, loss, params))
         return self.sgd.unroll(params, grads, self.step_counter)[0]
 
     def architecture_gradient(self, train, meta):
@@ -179,4 +222,4 @@ class Darts(base.MethodModel):
         # through the all-reduced w' adds every replica's upstream gradient:
         # the shares sum to N times the one-device gradient of the mean.
         return val_loss, distribute.scale_gradients(
-            tape.gradient(val_loss, arch))
+            self.loss_scale.gradient(tape, val_loss, arch))

@@ -23,6 +23,11 @@ omega-weighted gradients. BatchNorm statistics are per split on both, and
 the moving statistics come from the global batch's last split, so with
 `train_split` N replicas take the one-device step even with BatchNorm
 (rounding aside); with `meta` each replica normalises its own meta slice.
+
+Under `mixed_float16` every split's gradient is taken with the loss scale
+as its seed and unscaled in float32 (optimization/loss_scale.py), so omega
+sees the true gradients; a step with any non-finite value keeps W and the
+momenta, and the scale halves.
 """
 
 import tensorflow as tf
@@ -87,7 +92,7 @@ class DeepBilevel(base.MethodModel):
             tape.watch(params)
             losses, out = self.learner.losses(params, images, labels)
             loss = tf.reduce_mean(losses)
-        return loss, tape.gradient(loss, params), out
+        return loss, self.loss_scale.gradient(tape, loss, params), out
 
     def train_step(self, data):
         train, meta = data["train"], data["meta"]
@@ -140,7 +145,13 @@ class DeepBilevel(base.MethodModel):
         ])
         new_params, new_momenta = self.sgd.unroll(
             params, direction, self.step_counter)
-        self.sgd.assign(self.learner.variables, new_params, new_momenta)
+        # The direction is all-reduced, so every replica agrees on `finite`
+        # (omega of a non-finite gradient is NaN, which reaches W' too).
+        finite = self.loss_scale.finite(new_params + new_momenta)
+        self.sgd.assign(
+            self.learner.variables,
+            self.loss_scale.select(finite, new_params, params),
+            self.loss_scale.select(finite, new_momenta, self.sgd.momenta))
         # One moving-average update per step, from the global batch's last
         # split (the last replica's last).
         self.learner.assign_states(distribute.broadcast(
@@ -149,7 +160,7 @@ class DeepBilevel(base.MethodModel):
         # too): each replica reports its own slice whole.
         return self.finish_step(
             train["label"], tf.concat([r[2].logits for r in results], 0),
-            loss=tf.reduce_mean(stats[first_trained:, 2]), val_loss=val_loss,
+            finite=finite, loss=tf.reduce_mean(stats[first_trained:, 2]), val_loss=val_loss,
             omega_min=tf.reduce_min(omega), omega_max=tf.reduce_max(omega),
             negative_fraction=tf.reduce_mean(
                 tf.cast(omega < 0, omega.dtype)),

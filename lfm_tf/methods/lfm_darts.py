@@ -13,6 +13,10 @@ includes α's path through W1' into u (their detached copy drops it) and no
 finite-difference Hessian products are involved. P-DARTS' version unrolls
 W1 as well (theirs uses the current W1). The stages run as in LFM-DR
 (`lfm.LFM`), whose per-example table B is unused here (size 1).
+
+Under `mixed_float16` the stages scale their gradients as LFM-DR does (the
+supernets compute in float16; α, its softmax and the losses stay float32),
+and a non-finite step also restores α and its Adam state.
 """
 
 import tensorflow as tf
@@ -60,12 +64,17 @@ class LFMDarts(lfm.LFM):
         return super().train_step(data)
 
     def warmup_step(self, train):
-        """P-DARTS' weight-only epochs: W1 descends L_train(W1, α)."""
+        """P-DARTS' weight-only epochs: W1 descends L_train(W1, α).
+
+        Under loss scaling a non-finite step keeps W1 and its momenta.
+        """
         step = self.learn(train)
+        finite = self.loss_scale.finite(step.params + step.momenta)
+        step = self._kept(step, self.w1, self.sgd, finite)
         self.sgd.assign(self.w1.variables, step.params, step.momenta)
         self.w1.assign_states(step.states)
-        return self.finish_step(train["label"], step.logits, loss=step.loss,
-                                w1_loss=step.loss)
+        return self.finish_step(train["label"], step.logits, finite=finite,
+                                loss=step.loss, w1_loss=step.loss)
 
     def learn(self, train):
         """Stage 1: W1' from the unweighted training loss under α."""
@@ -79,6 +88,13 @@ class LFMDarts(lfm.LFM):
                         else self.encoder.trainable_variables)
         return (self.arch_step.variables + [self.weighting_table.values]
                 + list(encoder_vars))
+
+    def hyper_state_variables(self):
+        """LFM's (r, V, their optimizers) plus α and α's Adam state."""
+        # Named, not super(): autograph mis-converts a zero-argument super()
+        # in a traced step.
+        return lfm.LFM.hyper_state_variables(self) + list(
+            self.arch_step.optimizer.variables)
 
     def apply_hypergradients(self, grads):
         arch_grads, (r_grad, *encoder_grads) = grads[:2], grads[2:]

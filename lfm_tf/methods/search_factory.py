@@ -97,6 +97,26 @@ def build_search_method(config, facts, stage: Optional[SearchStage] = None):
     return model
 
 
+def float32_outputs(model):
+    """Logits and V's embeddings in float32 under mixed precision.
+
+    The search counterpart of `train_lib._float32_outputs`: a supernet's
+    features already come out in the variables' dtype (`SearchNetwork.call`),
+    so the heads and V's last layer are what is left to compute in float32;
+    u, a, the similarities and every loss are then float32.
+
+    Args:
+      model: a `Darts` or `LFMDarts` built under a mixed-precision policy.
+    """
+    model.classifier.head.dtype_policy = "float32"
+    w2_head = getattr(model, "w2_head", None)
+    if w2_head is not None:
+        w2_head.dtype_policy = "float32"
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:
+        encoder.layers[-1].dtype_policy = "float32"
+
+
 def _build_lfm_darts(config, facts, stage, w1, sgd, architecture):
     method = config.method
     if method.encoder == "shared":

@@ -63,6 +63,8 @@ class MixedOp(keras.layers.Layer):
 
     def __init__(self, filters, stride, op_names, skip_dropout=None,
                  **kwargs):
+        # `weights` keep α's dtype (see `call`); the ops cast their inputs.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.op_names = tuple(op_names)
         # Columns of the evaluated ops (all but `none`).
@@ -82,7 +84,23 @@ class MixedOp(keras.layers.Layer):
             op.build(input_shape)
 
     def call(self, inputs, weights, training=False):
-        """Args: inputs float [B,H,W,C]; weights float [K]."""
+        """sum_k p_k op_k(inputs).
+
+        Under mixed precision the ops compute in float16/bfloat16 but the
+        sum is taken in `weights`' dtype (float32): α's gradient
+        p_k (dp_k - sum_j p_j dp_j), dp_k = sum(op_k(x) * dL/dy) over every
+        element, is a difference of nearly equal sums near uniform α, which
+        float16 sums and rounding lose (measured: a second-order α
+        gradient 2.8x off; tests/mixed_precision_test.py). It costs a float32
+        copy of each op's output for the backward pass.
+
+        Args:
+          inputs: float [B,H,W,C], the compute dtype.
+          weights: float [K], this edge's softmaxed α (α's dtype).
+
+        Returns:
+          float [B,H',W',C] in `inputs`' dtype.
+        """
         total = None
         for k, op in zip(self.columns, self.ops):
             if isinstance(op, operations.Identity):
@@ -91,11 +109,11 @@ class MixedOp(keras.layers.Layer):
                     out = self.skip_dropout(out, training=training)
             else:
                 out = op(inputs, training=training)
-            term = weights[k] * out
+            term = weights[k] * ops.cast(out, weights.dtype)
             total = term if total is None else total + term
         if total is None:  # only `none` left on this edge
             return inputs[:, ::self.stride, ::self.stride, :] * 0.0
-        return total
+        return ops.cast(total, inputs.dtype)
 
 
 @keras.saving.register_keras_serializable(package="lfm_tf")
@@ -138,6 +156,9 @@ class SearchCell(keras.layers.Layer):
 
     def __init__(self, filters, reduction, reduction_prev, edge_ops,
                  steps=4, multiplier=None, skip_dropout=None, **kwargs):
+        # `weights` pass to the mixed ops in α's dtype; s0 and s1 are cast by
+        # the preprocessing layers.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.reduction = bool(reduction)
         self.steps = int(steps)
@@ -262,7 +283,7 @@ class SearchNetwork(keras.layers.Layer):
           training: batch statistics in BN, dropout on.
 
         Returns:
-          float [B, feature_dim].
+          float [B, feature_dim], in the variables' dtype.
         """
         if arch_weights is None:
             arch_weights = tuple(
@@ -274,7 +295,10 @@ class SearchNetwork(keras.layers.Layer):
         for cell in self.cells:
             weights = reduce if cell.reduction else normal
             s0, s1 = s1, cell(s0, s1, weights, training=training)
-        return ops.mean(s1, axis=(1, 2))
+        # Features in the variables' dtype (float32 under mixed precision,
+        # a no-op otherwise): the pooling sums in full precision and the
+        # similarities of LFM-DARTS' PS are float32 like its losses.
+        return ops.mean(ops.cast(s1, self.variable_dtype), axis=(1, 2))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.feature_dim)

@@ -3,7 +3,6 @@ P-DARTS' stages and resume, LFM-DARTS, bad input."""
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 

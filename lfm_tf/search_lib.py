@@ -28,6 +28,7 @@ from absl import logging
 
 from lfm_tf import checkpointing
 from lfm_tf import config as config_lib
+from lfm_tf import distribute
 from lfm_tf import fileio
 from lfm_tf import train_lib
 from lfm_tf.data import pipeline
@@ -47,6 +48,9 @@ def run_search(config, workdir):
             f"{list(config_lib.SEARCH_METHODS)} for a search. Train other "
             "methods with `python -m pipelines.train`."
         )
+    # First: multi-worker collectives must be configured before TF runs ops.
+    strategy = distribute.make_strategy(config.train.strategy,
+                                        config.train.tpu)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.data.seed)
@@ -70,15 +74,18 @@ def run_search(config, workdir):
             stage = search_factory.SearchStage(
                 cells, done["next_normal_ops"], done["next_reduce_ops"])
             continue
-        # Under the run's dtype policy, as train_lib builds the others.
-        with train_lib._precision(config.train.mixed_precision):  # pylint: disable=protected-access
+        # Under the run's strategy and dtype policy, as train_lib builds the
+        # other methods.
+        with strategy.scope(), train_lib._precision(  # pylint: disable=protected-access
+                config.train.mixed_precision):
             model = search_factory.build_search_method(
                 config, data["facts"], stage)
         if config.train.mixed_precision != "none":
             search_factory.float32_outputs(model)
         _carry_over(previous, model)
         timer = _FirstStep()
-        _fit_stage(config, data, model, stage, workdir, writer, timer)
+        _fit_stage(config, data, model, stage, workdir, writer, timer,
+                   strategy)
         first_step = first_step or timer.seconds
         normal_p, reduce_p = model.architecture.numpy_probabilities()
         if keep is None:
@@ -175,13 +182,15 @@ def _segments(global_step, steps, warmup, epochs):
     return segments
 
 
-def _fit_stage(config, data, model, stage, workdir, writer, timer):
+def _fit_stage(config, data, model, stage, workdir, writer, timer, strategy):
     search = config.search
     epochs = config.train.epochs
     steps = config.train.steps_per_epoch or data["facts"].steps_per_epoch
     directory = os.path.join(workdir, f"stage_{stage.index}")
-    manager = checkpointing.Manager(os.path.join(directory, "backup"),
-                                    config.train.checkpoints_to_keep)
+    manager = checkpointing.Manager(
+        os.path.join(directory, "backup"), config.train.checkpoints_to_keep,
+        is_chief=distribute.is_chief(strategy),
+        worker_id=distribute.worker_id(strategy))
     resume = manager.latest_state()
     backup = checkpointing.BackupAndRestore(
         manager, steps, config.train.checkpoint_every_steps, resume)

@@ -174,15 +174,6 @@ class MixedPrecisionTest(tf.test.TestCase):
         # The policy does not leak into models built afterwards.
         self.assertEqual(keras.config.dtype_policy().name, "float32")
 
-    def test_single_replica_methods_are_refused_under_mirrored(self):
-        for method in ("lfm_darts",):
-            with self.assertRaisesRegex(ValueError,
-                                        f"method='{method}' with "
-                                        "strategy='mirrored'.*one_device"):
-                _config(method, strategy="mirrored").validate()
-            _config(method, strategy="one_device").validate()
-        _config("lfm", strategy="mirrored").validate()
-
 
 # ---------------------------------------------------------------- children
 

@@ -1,9 +1,11 @@
 """Architecture search under tf.distribute: N replicas step as one device.
 
 One training step of DARTS (second order) and of LFM-DARTS on a supernet
-smaller than `tests/methods/darts_test.py`'s (1 node, 3 candidate ops incl.
-a separable conv, 3 cells, 4 channels, 8x8 images; 2 nodes and 4 ops took
-11 minutes to trace here for the same check), run by `MirroredStrategy` over 2 logical
+smaller than `tests/methods/darts_test.py`'s (1 node, 4 candidate ops incl.
+a separable conv and a max pool, whose second derivative TF's own kernel got
+wrong in LFM-DARTS' hypergradient (operations.max_pool_3x3); 3 cells, 4
+channels, 8x8 images; 2 nodes took 11 minutes to trace here for the same
+check), run by `MirroredStrategy` over 2 logical
 CPUs and by one device on the same global batch; α, the Adam moments of α
 (they hold α's processed gradient, which Adam's first step, about
 lr * sign(g), would hide), r and every supernet weight must agree. A cheap
@@ -31,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # entry (measured: below 1e-6; the per-replica code is off by 1e-2 to 1).
 RTOL = 1e-5
 CLASSES, SIDE, BATCH = 3, 8, 4
-PRIMITIVES = "none,skip_connect,sep_conv_3x3"
+PRIMITIVES = "none,max_pool_3x3,skip_connect,sep_conv_3x3"
 
 
 class NasMirroredEquivalenceTest(tf.test.TestCase):
@@ -58,12 +60,13 @@ class NasMirroredEquivalenceTest(tf.test.TestCase):
         self._assert_close("darts")
 
     def test_lfm_darts_step_matches_one_device(self):
-        # Matched within 1.2e-6 in most runs, but one Bazel run missed by
-        # 3.4e-2 on alpha's momentum; until the cause is found, the config
-        # refuses LFM-DARTS under multi-replica strategies.
-        self.skipTest("LFM-DARTS under MirroredStrategy is flaky (one run "
-                      "off by 3.4e-2 on alpha's momentum); refused by the "
-                      "config until fixed")
+        self._assert_close("lfm_darts")
+
+    def test_search_pipeline_matches_one_device(self):
+        # `pipelines.search`'s run_search under the strategy: 2 steps of
+        # LFM-DARTS through the input pipeline, fit and the checkpoints.
+        self._assert_close("search_pipeline")
+        self.assertEqual(self.results["search_pipeline"]["replicas"], [2])
 
 
 # ---------------------------------------------------------------- children
@@ -188,6 +191,41 @@ def _search_step(strategy, method):
     return _values(variables)
 
 
+def _search_pipeline(strategy):
+    """The replica counts the supernets were built under, and α
+    (softmaxed) after `search_lib.run_search`: 2 LFM-DARTS steps on digits
+    under `strategy`."""
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from lfm_tf import distribute  # pylint: disable=g-import-not-at-top
+    from lfm_tf import search_lib  # pylint: disable=g-import-not-at-top
+
+    from lfm_tf.methods import search_factory  # pylint: disable=g-import-not-at-top
+
+    make_strategy = distribute.make_strategy
+    distribute.make_strategy = lambda *args, **kwargs: strategy
+    build = search_factory.build_search_method
+    replicas = []
+
+    def recording_build(*args, **kwargs):
+        replicas.append(tf.distribute.get_strategy().num_replicas_in_sync)
+        return build(*args, **kwargs)
+
+    search_factory.build_search_method = recording_build
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            search_lib.run_search(
+                _search_config("lfm_darts").replace(
+                    batch_size=BATCH, epochs=1, steps_per_epoch=2,
+                    num_meta_per_class=2), workdir)
+            with open(os.path.join(workdir, "stage_0", "result.json")) as f:
+                result = json.load(f)
+    finally:
+        distribute.make_strategy = make_strategy
+        search_factory.build_search_method = build
+    return replicas, [("arch_normal", np.array(result["arch_normal"])),
+                      ("arch_reduce", np.array(result["arch_reduce"]))]
+
+
 def _child():
     import keras  # pylint: disable=g-import-not-at-top
     from lfm_tf.models import layers  # pylint: disable=g-import-not-at-top
@@ -201,6 +239,10 @@ def _child():
         expected = _search_step(one, method)
         actual = _search_step(two, method)
         results[method] = _compare(expected, actual)
+    _, expected = _search_pipeline(one)
+    replicas, actual = _search_pipeline(two)
+    results["search_pipeline"] = _compare(expected, actual)
+    results["search_pipeline"]["replicas"] = replicas
     return results
 
 

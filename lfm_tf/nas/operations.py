@@ -19,6 +19,7 @@ PyTorch's epsilon 1e-5 and momentum 0.1 (Keras momentum 0.9). `affine=False`
 from typing import Callable, Dict
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from lfm_tf.models import layers as lfm_layers
@@ -217,6 +218,31 @@ class SepConv(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="lfm_tf")
+def max_pool_3x3(inputs):
+    """3x3 max pool, stride 1, 'same' size, by explicit padding.
+
+    Not `MaxPooling2D(padding="same")`: with equal input and output shapes,
+    TF 2.21's CPU MaxPoolGradGrad (the second derivative that LFM-DARTS'
+    exact hypergradient takes through W1' and W2') may forward its `grad`
+    input's buffer to its output and overwrite values it still reads; the
+    result is wrong by O(1) whenever graph scheduling lets it reuse the
+    buffer (one device and two replicas disagreed by 0.5 on α,
+    tests/nas/operations_test.py). Padding makes the input larger than the
+    output, so the buffer cannot be reused; the values are those of 'same'
+    padding.
+
+    Args:
+      inputs: float [B, H, W, C].
+
+    Returns:
+      float [B, H, W, C].
+    """
+    lowest = tf.as_dtype(inputs.dtype).min
+    padded = ops.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]],
+                     constant_values=lowest)
+    return ops.max_pool(padded, 3, strides=1, padding="valid")
+
+
 class Pool(keras.layers.Layer):
     """3x3 max or average pool (padding excluded from the average), with a
     trailing BN in the search network only (`norm=True`)."""
@@ -224,9 +250,10 @@ class Pool(keras.layers.Layer):
     def __init__(self, kind, stride=1, norm=False, **kwargs):
         super().__init__(**kwargs)
         self.kind, self.stride, self.use_norm = kind, int(stride), bool(norm)
-        pool = (keras.layers.MaxPooling2D if kind == "max"
-                else keras.layers.AveragePooling2D)
-        self.pool = pool(3, strides=1, padding="same", name="pool")
+        self.pool = (
+            None if kind == "max" else
+            keras.layers.AveragePooling2D(3, strides=1, padding="same",
+                                          name="pool"))
         self.norm = batch_norm(False, name="bn") if norm else None
 
     def build(self, input_shape):
@@ -234,7 +261,7 @@ class Pool(keras.layers.Layer):
             self.norm.build(input_shape)
 
     def call(self, inputs, training=False):
-        x = self.pool(inputs)
+        x = self.pool(inputs) if self.pool else max_pool_3x3(inputs)
         if self.stride > 1:
             x = x[:, ::self.stride, ::self.stride, :]
         return self.norm(x, training=training) if self.norm else x

@@ -295,6 +295,21 @@ def worker_id(strategy: tf.distribute.Strategy) -> int:
     return int(getattr(resolver, "task_id", 0) or 0) if resolver else 0
 
 
+def artefact_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this worker writes its artefacts (config, metrics, exports, logs).
+
+    The chief writes into `workdir`. Every other worker runs the same code
+    (reading mirrored variables may need all of them) but writes its copy
+    into `workdir/workers/worker-<id>`, so workers that share a file system
+    never write the same file; the copies are the chief's, useful only to
+    check that the workers agree. Checkpoints are `checkpointing.Manager`'s
+    concern and stay under `workdir`.
+    """
+    if is_chief(strategy):
+        return workdir
+    return os.path.join(workdir, "workers", f"worker-{worker_id(strategy)}")
+
+
 def step_logs(logs):
     """A step's scalar logs, shaped for Keras' cross-replica reduction.
 

@@ -13,6 +13,9 @@ ops the previous stage kept) and writes into `workdir`:
     logs/                    TensorBoard: losses, α's softmax per edge and
                              op, the genotype per epoch as text
     search_summary.json      genotype, stages, time to first step, wall time
+    workers/worker-<i>/      multi-worker only: worker i's copy of the
+                             above (backups aside); only the chief writes
+                             `workdir`
 
 The search reads the training split (weights) and the meta split
 (architecture) only; the test split is never touched.
@@ -54,12 +57,13 @@ def run_search(config, workdir):
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.data.seed)
-    os.makedirs(workdir, exist_ok=True)
-    fileio.write_text(os.path.join(workdir, "config.json"), config.to_json())
+    outdir = distribute.artefact_dir(workdir, strategy)
+    os.makedirs(outdir, exist_ok=True)
+    fileio.write_text(os.path.join(outdir, "config.json"), config.to_json())
     start = time.time()
     data = train_lib.prepare_data(config)
-    data["splits"].save(os.path.join(workdir, "splits.npz"))
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "logs"))
+    data["splits"].save(os.path.join(outdir, "splits.npz"))
+    writer = tf.summary.create_file_writer(os.path.join(outdir, "logs"))
 
     stage = search_factory.first_stage(config)
     previous, summaries, first_step = None, [], None
@@ -84,8 +88,8 @@ def run_search(config, workdir):
             search_factory.float32_outputs(model)
         _carry_over(previous, model)
         timer = _FirstStep()
-        _fit_stage(config, data, model, stage, workdir, writer, timer,
-                   strategy)
+        _fit_stage(config, data, model, stage, workdir, outdir, writer,
+                   timer, strategy)
         first_step = first_step or timer.seconds
         normal_p, reduce_p = model.architecture.numpy_probabilities()
         if keep is None:
@@ -106,15 +110,15 @@ def run_search(config, workdir):
             "next_normal_ops": next_ops[0], "next_reduce_ops": next_ops[1],
             "arch_normal": normal_p.tolist(), "arch_reduce": reduce_p.tolist(),
         }
-        fileio.write_text(_stage_file(workdir, index),
+        fileio.write_text(_stage_file(outdir, index),
                           json.dumps(summary, indent=1))
         summaries.append(summary)
         previous = model
         stage = search_factory.SearchStage(cells, *next_ops)
 
     genotype = genotypes.Genotype.from_dict(summaries[-1]["genotype"])
-    genotype.save(os.path.join(workdir, GENOTYPE_FILE))
-    fileio.write_text(os.path.join(workdir, "search_summary.json"), json.dumps({
+    genotype.save(os.path.join(outdir, GENOTYPE_FILE))
+    fileio.write_text(os.path.join(outdir, "search_summary.json"), json.dumps({
         "genotype": genotype.to_dict(),
         "normal_skip_connects": genotype.skip_count("normal"),
         "stages": [{k: s[k] for k in ("stage", "cells", "genotype")}
@@ -123,7 +127,7 @@ def run_search(config, workdir):
         "wall_seconds": time.time() - start,
     }, indent=2))
     logging.info("Search finished in %.0f s; genotype in %s",
-                 time.time() - start, os.path.join(workdir, GENOTYPE_FILE))
+                 time.time() - start, os.path.join(outdir, GENOTYPE_FILE))
     return genotype
 
 
@@ -182,13 +186,14 @@ def _segments(global_step, steps, warmup, epochs):
     return segments
 
 
-def _fit_stage(config, data, model, stage, workdir, writer, timer, strategy):
+def _fit_stage(config, data, model, stage, workdir, outdir, writer, timer,
+               strategy):
     search = config.search
     epochs = config.train.epochs
     steps = config.train.steps_per_epoch or data["facts"].steps_per_epoch
-    directory = os.path.join(workdir, f"stage_{stage.index}")
     manager = checkpointing.Manager(
-        os.path.join(directory, "backup"), config.train.checkpoints_to_keep,
+        os.path.join(workdir, f"stage_{stage.index}", "backup"),
+        config.train.checkpoints_to_keep,
         is_chief=distribute.is_chief(strategy),
         worker_id=distribute.worker_id(strategy))
     resume = manager.latest_state()
@@ -198,8 +203,9 @@ def _fit_stage(config, data, model, stage, workdir, writer, timer, strategy):
         timer,
         backup,  # First: a resumed model is restored before anything reads it.
         _StageSchedule(model, stage, search, epochs, steps, backup),
-        _GenotypeLogger(model, workdir, writer, stage.index),
-        keras.callbacks.TensorBoard(os.path.join(directory, "logs")),
+        _GenotypeLogger(model, outdir, writer, stage.index),
+        keras.callbacks.TensorBoard(
+            os.path.join(outdir, f"stage_{stage.index}", "logs")),
     ]
     segments = _segments(backup.global_step, steps,
                          search.arch_warmup_epochs, epochs)

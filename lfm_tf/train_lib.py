@@ -10,6 +10,8 @@ The run's artefacts land in `workdir`:
     metrics.json         validation and (once) test metrics, diagnostics
     classifier.weights.h5, export_info.json, saved_model/
                          the evaluated classifier, ready for serving
+    workers/worker-<i>/  multi-worker only: worker i's copy of the above
+                         (backup/ aside); only the chief writes `workdir`
 
 Model selection reads only the clean validation (meta) set; the test set is
 read once, after training.
@@ -132,20 +134,22 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
     )
     resume = manager.latest_state()
     _check_resumable(config, workdir, resume)
-    fileio.write_text(os.path.join(workdir, "config.json"), config.to_json())
+    outdir = distribute.artefact_dir(workdir, strategy)
+    os.makedirs(outdir, exist_ok=True)
+    fileio.write_text(os.path.join(outdir, "config.json"), config.to_json())
 
     data = prepare_data(config, arrays)
-    data["splits"].save(os.path.join(workdir, "splits.npz"))
+    data["splits"].save(os.path.join(outdir, "splits.npz"))
     if config.method.method in lrw.SELECTIONS:
         # LRW's first phase: ERM, margins, a new train/validation split.
-        data = lrw.resplit(config, data, workdir)
+        data = lrw.resplit(config, data, outdir)
     with strategy.scope(), _precision(config.train.mixed_precision):
         model = factory.compile_method(
             factory.build_method(config, data["facts"]), config
         )
     if config.train.mixed_precision != "none":
         _float32_outputs(model)
-    checkpoint = os.path.join(workdir, "checkpoints", "best.weights.h5")
+    checkpoint = os.path.join(outdir, "checkpoints", "best.weights.h5")
     os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
     selection = keras.callbacks.ModelCheckpoint(
         checkpoint, monitor="val_accuracy", mode="max",
@@ -157,7 +161,7 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         selection,
     )
     callbacks = [
-        keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
+        keras.callbacks.TensorBoard(os.path.join(outdir, "logs")),
         selection,
         *callbacks_lib.weight_diagnostics(model, data["splits"]),
         *_drop_path(model, config),
@@ -179,16 +183,16 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         )
     history = types.SimpleNamespace(history=backup.history)
     model.load_weights(checkpoint)
-    metrics = _final_metrics(model, data, history, workdir)
+    metrics = _final_metrics(model, data, history, outdir)
     fileio.write_text(
-        os.path.join(workdir, "metrics.json"),
+        os.path.join(outdir, "metrics.json"),
         json.dumps(metrics, indent=2, sort_keys=True),
     )
-    _write_classifier(model, config, data, workdir)
+    _write_classifier(model, config, data, outdir)
     logging.info(
         "Test accuracy %.4f (selected on validation accuracy %.4f). "
         "Artefacts in %s", metrics["test_accuracy"],
-        metrics["best_val_accuracy"], workdir,
+        metrics["best_val_accuracy"], outdir,
     )
     return metrics
 

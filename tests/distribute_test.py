@@ -101,35 +101,54 @@ def _free_port():
 
 class MultiWorkerTest(tf.test.TestCase, parameterized.TestCase):
 
+    def _run_two_workers(self, module, *flags):
+        """Runs `module` as 2 workers on 127.0.0.1 sharing one workdir.
+
+        Returns:
+          (workdir, [each worker's artefact directory]).
+        """
+        ports = [_free_port(), _free_port()]
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        # One workdir, as on a shared file system: the chief writes it, the
+        # other worker its own copy under workers/.
+        workdir = self.get_temp_dir()
+        processes = [subprocess.Popen(
+            [sys.executable, "-m", module, *flags, "--strategy=multi_worker",
+             f"--workdir={workdir}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=dict(os.environ, TF_CONFIG=json.dumps(
+                {"cluster": cluster,
+                 "task": {"type": "worker", "index": index}})))
+            for index in range(2)]
+        for process in processes:
+            _, stderr = process.communicate(timeout=600)
+            self.assertEqual(process.returncode, 0, stderr[-4000:])
+        self.assertEqual(os.listdir(os.path.join(workdir, "workers")),
+                         ["worker-1"])
+        return workdir, [workdir,
+                         os.path.join(workdir, "workers", "worker-1")]
+
+    def _assert_only_chief_checkpoints(self, backup, worker_backup):
+        # The other worker's scratch writes are gone, and it keeps none.
+        names = os.listdir(backup)
+        self.assertNotEmpty(names)
+        self.assertTrue(all(n.startswith("ckpt-") for n in names), names)
+        self.assertFalse(os.path.exists(worker_backup))
+
     # LRW-Hard: its ERM phase and re-split run on each worker before the
     # strategy's MW-Net phase, and must give both workers the same split.
     @parameterized.parameters("lfm", "lrw_hard")
     def test_two_workers_train_to_the_end_and_agree(self, method):
-        ports = [_free_port(), _free_port()]
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-        workers = []
-        for index in range(2):
-            env = dict(os.environ, TF_CONFIG=json.dumps(
-                {"cluster": cluster,
-                 "task": {"type": "worker", "index": index}}))
-            workdir = os.path.join(self.get_temp_dir(), f"worker{index}")
-            workers.append((workdir, subprocess.Popen(
-                [sys.executable, "-m", "pipelines.train",
-                 "--flagfile=configs/smoke/train_lfm.flags",
-                 f"--method={method}",
-                 "--strategy=multi_worker", "--steps_per_epoch=3",
-                 "--batch_size=32", "--meta_batch_size=24",
-                 f"--workdir={workdir}"],
-                cwd=REPO, env=env, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True)))
+        workdir, outdirs = self._run_two_workers(
+            "pipelines.train", "--flagfile=configs/smoke/train_lfm.flags",
+            f"--method={method}", "--steps_per_epoch=3", "--batch_size=32",
+            "--meta_batch_size=24")
         weights = []
-        for workdir, process in workers:
-            _, stderr = process.communicate(timeout=600)
-            self.assertEqual(process.returncode, 0, stderr[-4000:])
-            with open(os.path.join(workdir, "metrics.json")) as f:
+        for outdir in outdirs:
+            with open(os.path.join(outdir, "metrics.json")) as f:
                 self.assertLen(json.load(f)["val_accuracy_per_epoch"], 1)
             arrays = {}
-            with h5py.File(os.path.join(workdir,
+            with h5py.File(os.path.join(outdir,
                                         "classifier.weights.h5")) as f:
                 f.visititems(
                     lambda n, o, a=arrays: a.__setitem__(n, np.array(o))
@@ -138,10 +157,60 @@ class MultiWorkerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertNotEmpty(weights[0])
         for name in weights[0]:
             self.assertAllEqual(weights[0][name], weights[1][name], msg=name)
-        # Only the chief keeps whole-state checkpoints.
-        self.assertNotEmpty(os.listdir(os.path.join(workers[0][0],
-                                                    "backup")))
-        self.assertEmpty(os.listdir(os.path.join(workers[1][0], "backup")))
+        self._assert_only_chief_checkpoints(
+            os.path.join(workdir, "backup"),
+            os.path.join(outdirs[1], "backup"))
+
+    def test_two_workers_search_and_agree(self):
+        workdir, outdirs = self._run_two_workers(
+            "pipelines.search",
+            "--flagfile=configs/smoke/search_lfm_darts.flags",
+            "--batch_size=32", "--meta_batch_size=32")
+        results = []
+        for outdir in outdirs:
+            with open(os.path.join(outdir, "stage_0", "result.json")) as f:
+                results.append(json.load(f))
+        self.assertEqual(results[0]["genotype"], results[1]["genotype"])
+        for key in ("arch_normal", "arch_reduce"):
+            self.assertAllEqual(results[0][key], results[1][key])
+        # α moved from its uniform start, so the agreement is not vacuous.
+        normal = np.asarray(results[0]["arch_normal"])
+        self.assertGreater(np.abs(normal - normal.mean(axis=1,
+                                                       keepdims=True)).max(),
+                           1e-6)
+        self.assertTrue(os.path.exists(os.path.join(workdir,
+                                                    "genotype.json")))
+        self._assert_only_chief_checkpoints(
+            os.path.join(workdir, "stage_0", "backup"),
+            os.path.join(outdirs[1], "stage_0", "backup"))
+
+
+class ArtefactDirTest(tf.test.TestCase):
+
+    def _strategy(self, cluster, task_type, task_id):
+        # is_chief reads only the strategy's cluster resolver.
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type,
+            task_id=task_id)
+        return type("Strategy", (), {"cluster_resolver": resolver})()
+
+    def test_only_the_chief_writes_workdir(self):
+        from lfm_tf import distribute  # pylint: disable=g-import-not-at-top
+        workers = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+        self.assertEqual(distribute.artefact_dir(
+            "/w", self._strategy(workers, "worker", 0)), "/w")
+        self.assertEqual(distribute.artefact_dir(
+            "/w", self._strategy(workers, "worker", 1)),
+            "/w/workers/worker-1")
+        # With a chief task, worker 0 is not the chief.
+        with_chief = dict(workers, chief=["127.0.0.1:3"])
+        self.assertEqual(distribute.artefact_dir(
+            "/w", self._strategy(with_chief, "chief", 0)), "/w")
+        self.assertEqual(distribute.artefact_dir(
+            "/w", self._strategy(with_chief, "worker", 0)),
+            "/w/workers/worker-0")
+        self.assertEqual(distribute.artefact_dir(
+            "/w", tf.distribute.get_strategy()), "/w")
 
 
 class MixedPrecisionTest(tf.test.TestCase):

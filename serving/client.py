@@ -444,11 +444,12 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true",
                         help="print the outputs as JSON")
     args = parser.parse_args(argv)
-    client = ServingClient(
-        args.host, args.model, protocol=args.protocol, port=args.port,
-        version=args.version, version_label=args.version_label,
-        timeout=args.timeout, max_attempts=args.max_attempts)
     try:
+        # Inside the try: the constructor refuses bad flag combinations.
+        client = ServingClient(
+            args.host, args.model, protocol=args.protocol, port=args.port,
+            version=args.version, version_label=args.version_label,
+            timeout=args.timeout, max_attempts=args.max_attempts)
         with client:
             if args.pixels:
                 outputs = client.predict(

@@ -139,20 +139,39 @@ def long_tail_counts(n_max: int, num_classes: int,
             f"Received imbalance_factor={imbalance_factor}; expected >= 1 "
             "(n_max / n_min). Use 100 for 'imbalance 100', not 0.01."
         )
-    if num_classes == 1:
-        return np.array([n_max], np.int64)
-    exponents = np.arange(num_classes) / (num_classes - 1)
-    counts = np.floor(n_max * float(imbalance_factor) ** -exponents)
-    counts = counts.astype(np.int64)
+    counts = _tail(n_max, num_classes, imbalance_factor)
     if np.any(counts == 0):
         empty = int(np.flatnonzero(counts == 0)[0])
         raise ValueError(
             f"Received imbalance_factor={imbalance_factor} with {n_max} head "
             f"examples; that leaves class {empty} empty, expected at least "
-            f"one example per class. Set --imbalance_factor <= {n_max} or "
-            "raise --max_train_per_class."
+            f"one example per class. Set --imbalance_factor="
+            f"{largest_imbalance_factor(n_max, num_classes)} (the largest "
+            f"that keeps one) or lower."
         )
     return counts
+
+
+def _tail(n_max, num_classes, imbalance_factor):
+    """floor(n_max * IF^(-c/(C-1))), int64 [C] (no checks)."""
+    if num_classes == 1:
+        return np.array([n_max], np.int64)
+    exponents = np.arange(num_classes) / (num_classes - 1)
+    counts = np.floor(n_max * float(imbalance_factor) ** -exponents)
+    return counts.astype(np.int64)
+
+
+def largest_imbalance_factor(n_max: int, num_classes: int) -> int:
+    """The largest integer IF whose long tail leaves no class empty.
+
+    Mathematically IF = n_max leaves the last class one example, but
+    floor(n * n^-1) is 0 in floating point for some n (49, 98, ...): the
+    answer is checked with the very computation `long_tail_counts` runs.
+    """
+    factor = max(int(n_max), 1)
+    while factor > 1 and np.any(_tail(n_max, num_classes, factor) == 0):
+        factor -= 1
+    return factor
 
 
 def similar_classes(images: np.ndarray, labels: np.ndarray,
@@ -399,6 +418,24 @@ def _train_counts(available, config):
     if config.imbalance_factor == 1:
         return np.minimum(available, cap) if cap else available.copy()
     n_max = int(min(available[0], cap) if cap else available[0])
+    empty = np.flatnonzero(
+        _tail(n_max, len(available), config.imbalance_factor) == 0)
+    if empty.size:
+        # Advice that works when followed: the IF this head allows, or the
+        # cap that would allow this IF when the cap is what limits the head.
+        fixes = [f"--imbalance_factor="
+                 f"{largest_imbalance_factor(n_max, len(available))} or lower"]
+        if cap and cap < available[0]:
+            needed = _smallest_head(len(available), config.imbalance_factor,
+                                    int(available[0]))
+            if needed is not None:
+                fixes.append(f"--max_train_per_class={needed} or higher")
+        raise ValueError(
+            f"Received imbalance_factor={config.imbalance_factor} with "
+            f"{n_max} examples left in head class 0; that leaves class "
+            f"{int(empty[0])} empty, expected at least one example per "
+            f"class. Set {' or '.join(fixes)}."
+        )
     wanted = long_tail_counts(n_max, len(available), config.imbalance_factor)
     short = np.flatnonzero(wanted > available)
     if short.size:
@@ -407,6 +444,15 @@ def _train_counts(available, config):
             "keeping those.", wanted[short].tolist(), short.tolist(),
             available[short].tolist())
     return np.minimum(wanted, available)
+
+
+def _smallest_head(num_classes, imbalance_factor, limit):
+    """The smallest n_max <= limit whose tail keeps every class, or None."""
+    start = max(int(np.ceil(imbalance_factor)), 1)
+    for n_max in range(start, limit + 1):
+        if not np.any(_tail(n_max, num_classes, imbalance_factor) == 0):
+            return n_max
+    return None
 
 
 def make_splits(labels: np.ndarray, num_classes: int, config,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -367,10 +368,50 @@ class MakeSplitsTest(tf.test.TestCase, parameterized.TestCase):
             self._splits(num_meta_per_class=160)
 
     def test_class_emptied_by_long_tail(self):
-        # floor(150 * 1000^(-7/9)) = 0, with n_max = 150 as above.
+        # floor(150 * 1000^(-7/9)) = 0, with n_max = 150 as above. IF = 150
+        # would empty class 9 too: floor(150 * 150.0**-1) is 0 in floating
+        # point.
         with self.assertRaisesRegex(ValueError,
-                                    "leaves class 7 empty.*<= 150"):
+                                    "leaves class 7 empty.*=149 or lower"):
             self._splits(imbalance_factor=1000)
+
+    def _advice(self, overrides, flag):
+        """The value the error advises for `flag`."""
+        with self.assertRaises(ValueError) as raised:
+            self._splits(**overrides)
+        match = re.search(rf"--{flag}=(\d+)", str(raised.exception))
+        self.assertIsNotNone(match, str(raised.exception))
+        return int(match.group(1))
+
+    @parameterized.parameters(
+        # The cap binds: n_max = 49, and floor(49 * 49.0**-1) == 0 in
+        # floating point, so "IF <= n_max" (the old advice) failed again.
+        (dict(max_train_per_class=49, imbalance_factor=100),
+         "imbalance_factor"),
+        (dict(max_train_per_class=49, imbalance_factor=100),
+         "max_train_per_class"),
+        # No cap: raising --max_train_per_class (the old advice) changed
+        # nothing; the error no longer offers it.
+        (dict(imbalance_factor=1000), "imbalance_factor"),
+    )
+    def test_following_the_long_tail_advice_works(self, overrides, flag):
+        value = self._advice(overrides, flag)
+        result = self._splits(**dict(overrides, **{flag: value}))
+        counts = np.bincount(result.train_clean_labels, minlength=10)
+        self.assertGreaterEqual(counts.min(), 1)
+
+    def test_no_cap_advice_without_a_binding_cap(self):
+        with self.assertRaises(ValueError) as raised:
+            self._splits(imbalance_factor=1000)
+        self.assertNotIn("max_train_per_class", str(raised.exception))
+
+    def test_largest_imbalance_factor_is_exact(self):
+        for n_max in (2, 49, 98, 150, 4990):
+            best = splits_lib.largest_imbalance_factor(n_max, 10)
+            splits_lib.long_tail_counts(n_max, 10, best)  # Does not raise.
+            with self.assertRaisesRegex(ValueError, "empty"):
+                splits_lib.long_tail_counts(n_max, 10, best + 1)
+        self.assertEqual(splits_lib.largest_imbalance_factor(49, 10), 48)
 
     @parameterized.parameters(
         (np.array([0, 1, 12]), r"\[0, 12\].*expected \[0, 9\]"),

@@ -19,6 +19,11 @@ HYPERGRADIENTS = ("exact", "finite_difference", "first_order")
 WEIGHTING_MODES = ("by_id", "positional")
 EVALUATED_LEARNERS = ("w1", "w2")
 WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
+LOSSES = ("ce", "focal", "logit_adjusted", "balanced_softmax", "ldam", "gce")
+# The methods whose every learner step takes its per-example loss from
+# `methods.losses.TrainingLoss` (the others compute CE themselves).
+LOSS_METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "lfm",
+                "lrw_easy", "lrw_random", "lrw_hard")
 METHODS = ("erm", "focal", "class_balanced", "l2rw", "mwnet", "dbl", "lfm",
            "penalty", "lrw_easy", "lrw_random", "lrw_hard", "molere",
            "darts", "lfm_darts")
@@ -419,6 +424,68 @@ class MethodConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The per-example training loss l_i of every learner step.
+
+    It replaces CE in each step that trains a learner (ERM's, LFM's W1 and
+    W2 steps, L2RW's and MW-Net's lookahead and real steps, the
+    class-balanced weighting's) and composes with the method's weights.
+    Meta / validation losses (LFM's u and L_val, MW-Net's and L2RW's meta
+    loss) stay plain CE: the meta set is clean and balanced, so CE is its
+    standard objective. Inference uses the learner's plain logits.
+
+    Attributes:
+      loss: `ce`, `focal` (gamma: `focal_gamma`), `logit_adjusted` (Menon
+        et al. 2021), `balanced_softmax` (Ren et al. 2020), `ldam` (Cao et
+        al. 2019) or `gce` (Zhang & Sabuncu 2018). Class priors and counts
+        come from the observed (possibly noisy) training labels.
+      logit_adjust_tau: tau of CE(z + tau log pi), >= 0 (1.0).
+      ldam_max_margin: LDAM's largest margin, the rarest class's (0.5).
+      ldam_scale: LDAM's s on the margin-adjusted logits. The paper's 30
+        is for its cosine head (normalised features and weights); our heads
+        are plain dense layers, so the default is 1 (README, Loss axis).
+      gce_q: q of (1 - p_y^q)/q, in (0, 1] (0.7).
+      drw_start_epoch: LDAM's deferred re-weighting: from this epoch
+        (0-based) every l_i is multiplied by its class's class-balanced
+        weight; None: off (the paper: 160 of 200). Composes with any loss.
+      drw_beta: beta of DRW's effective number (0.9999).
+    """
+
+    loss: str = "ce"
+    logit_adjust_tau: float = 1.0
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 1.0
+    gce_q: float = 0.7
+    drw_start_epoch: Optional[int] = None
+    drw_beta: float = 0.9999
+
+    def validate(self):
+        _check_choice("loss", self.loss, LOSSES)
+        _check_positive("logit_adjust_tau", self.logit_adjust_tau,
+                        allow_zero=True)
+        _check_positive("ldam_max_margin", self.ldam_max_margin)
+        _check_positive("ldam_scale", self.ldam_scale)
+        _check_positive("drw_start_epoch", self.drw_start_epoch,
+                        allow_zero=True)
+        if not 0 < self.gce_q <= 1:
+            raise ValueError(
+                f"Received gce_q={self.gce_q!r}; expected q in (0, 1] (q -> 0"
+                " is CE, 1 is MAE). Set --gce_q=0.7."
+            )
+        if not 0 < self.drw_beta < 1:
+            raise ValueError(
+                f"Received drw_beta={self.drw_beta!r}; expected (0, 1). Set "
+                "--drw_beta=0.9999."
+            )
+        return self
+
+    @property
+    def is_cross_entropy(self):
+        """Whether l_i is plain CE (no other loss, no DRW)."""
+        return self.loss == "ce" and self.drw_start_epoch is None
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """Differentiable architecture search (DARTS, P-DARTS and their LFM
     versions; `method=darts` or `lfm_darts`).
@@ -611,6 +678,7 @@ class ExperimentConfig:
         default_factory=OptimizerConfig
     )
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -627,7 +695,46 @@ class ExperimentConfig:
                 "split evenly. Set --batch_size to a multiple of "
                 f"{self.method.dbl_splits}."
             )
+        self._validate_loss()
         return self
+
+    def _validate_loss(self):
+        """The loss axis against the method and the schedule."""
+        loss = self.loss
+        if loss.is_cross_entropy:
+            return
+        what = (f"loss={loss.loss!r}, drw_start_epoch="
+                f"{loss.drw_start_epoch!r}")
+        if self.method.method not in LOSS_METHODS:
+            raise ValueError(
+                f"Received method={self.method.method!r} with {what}; the "
+                f"loss axis applies to {list(LOSS_METHODS)}. Set --loss=ce "
+                "and leave --drw_start_epoch unset, or pick one of these "
+                "methods."
+            )
+        if self.method.method == "focal" and loss.loss not in ("ce", "focal"):
+            raise ValueError(
+                f"Received method='focal' with loss={loss.loss!r}; the focal "
+                "method is ERM with --loss=focal. Set --method=erm "
+                f"--loss={loss.loss}."
+            )
+        if (self.method.method == "lfm"
+                and self.method.hypergradient == "first_order"):
+            raise ValueError(
+                f"Received hypergradient='first_order' with {what}; "
+                "first_order uses the closed-form head gradient of plain CE."
+                " Set --hypergradient=exact or --hypergradient="
+                "finite_difference (both work with any loss), or --loss=ce "
+                "without DRW."
+            )
+        if (loss.drw_start_epoch is not None
+                and loss.drw_start_epoch >= self.train.epochs):
+            raise ValueError(
+                f"Received drw_start_epoch={loss.drw_start_epoch} with "
+                f"epochs={self.train.epochs}; expected an epoch in [0, "
+                f"{self.train.epochs - 1}], or DRW never switches on. Lower "
+                "--drw_start_epoch (the paper: 160 of 200 epochs)."
+            )
 
     def groups(self) -> Tuple:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))

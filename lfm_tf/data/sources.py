@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -194,7 +195,8 @@ def extract_archive(path: str, cache_dir: Optional[str] = None) -> str:
       The extraction folder.
 
     Raises:
-      ValueError: the file is not a readable tar archive.
+      ValueError: the file is not a readable tar archive, or is truncated
+        (the partial extraction is removed).
     """
     cache_dir = cache_dir or default_cache_dir()
     target = os.path.join(cache_dir, _sha256(path))
@@ -208,12 +210,27 @@ def extract_archive(path: str, cache_dir: Optional[str] = None) -> str:
             # filter="data" refuses absolute paths, links out of the folder
             # and device files: the archive is untrusted input.
             archive.extractall(tmp, filter="data")
+    except (EOFError, zlib.error) as error:
+        # gzip's stream ends early or is garbled: a cut-off download or copy.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            f"Received data_path={path} ({os.path.getsize(path)} bytes), "
+            f"which looks truncated or corrupt ({type(error).__name__}: "
+            f"{error}); expected a complete .tar.gz of class folders. Copy or"
+            " download it again and compare its size or checksum with the "
+            "original."
+        ) from None
     except (tarfile.TarError, OSError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(
             f"Received data_path={path} that could not be extracted "
             f"({error}); expected a .tar.gz of class folders. Check the file."
         ) from error
+    except BaseException:
+        # Interrupted (KeyboardInterrupt) or anything else: no partial
+        # extraction stays behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, target)
     except OSError:
@@ -259,13 +276,25 @@ def _list_images(root, class_names):
     return files, np.asarray(labels, np.int64)
 
 
-def _decode_file(path):
-    """uint8 [H, W, 3] of one file (the first frame of a GIF)."""
-    return tf.io.decode_image(tf.io.read_file(path), channels=3,
-                              expand_animations=False)
+def _decode_file(path, image_size=None):
+    """uint8 [H, W, 3] of one file (the first frame of a GIF).
+
+    With `image_size`, resized to [image_size, image_size, 3] exactly as
+    `pipeline.resize` does (bilinear, rounded to uint8), so images resized
+    here are the pixels the pipeline and the exported model would give.
+    """
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+                               expand_animations=False)
+    if image_size is None:
+        return image
+    image.set_shape([None, None, 3])
+    resized = tf.image.resize(image, (image_size, image_size),
+                              method="bilinear")
+    return tf.cast(tf.round(tf.clip_by_value(resized, 0, 255)), tf.uint8)
 
 
-def decode_images(files: Sequence[str]) -> np.ndarray:
+def decode_images(files: Sequence[str],
+                  image_size: Optional[int] = None) -> np.ndarray:
     """Decodes image files in parallel with tf.data.
 
     tf.io decodes (not PIL) because the exported model decodes JPEG bytes
@@ -274,19 +303,22 @@ def decode_images(files: Sequence[str]) -> np.ndarray:
 
     Args:
       files: paths of JPEG, PNG, BMP or GIF (first frame) files.
+      image_size: resize every image to this side length (`--image_size`),
+        which also makes a folder of mixed sizes usable; None keeps the
+        files' size, which must then be one.
 
     Returns:
       uint8 [N, H, W, 3]; grayscale and palette images become RGB.
 
     Raises:
       ValueError: a file that does not decode (all such paths are named), or
-        images of different sizes.
+        images of different sizes without `image_size`.
     """
     files = list(files)
     dataset = tf.data.Dataset.from_tensor_slices(
         (files, np.arange(len(files))))
     dataset = dataset.map(
-        lambda path, i: (_decode_file(path), i),
+        lambda path, i: (_decode_file(path, image_size), i),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # A corrupt file must not abort the pass: skipping it leaves a gap in
     # the running index, which names every bad file in one error.
@@ -308,16 +340,17 @@ def decode_images(files: Sequence[str]) -> np.ndarray:
         if image.shape != first:
             raise ValueError(
                 f"Received images of different sizes: {files[0]} is {first} "
-                f"but {path} is {image.shape}; expected one size. Resize the "
-                "images to a common size first."
+                f"but {path} is {image.shape}; expected one size. Set "
+                f"--image_size={first[0]} (or another side length) to resize"
+                " every image to it, or resize the files first."
             )
     return np.stack(images)
 
 
-def _read_split(folder, class_names):
+def _read_split(folder, class_names, image_size=None):
     files, labels = _list_images(folder, class_names)
     logging.info("Decoding %d images under %s", len(files), folder)
-    return decode_images(files), labels
+    return decode_images(files, image_size), labels
 
 
 def _unwrap(root):
@@ -336,7 +369,7 @@ def _unwrap(root):
         root = child
 
 
-def _read_layout(root):
+def _read_layout(root, image_size=None):
     """Decodes `<root>/[train|test]/<class>/*` or `<root>/<class>/*`."""
     split_root = _find_split_root(root)
     if split_root is None:
@@ -347,7 +380,7 @@ def _read_layout(root):
                 f"Received data_path={root} without class folders; expected "
                 "<root>/<class>/<image> or <root>/train/<class>/<image>."
             )
-        images, labels = _read_split(root, class_names)
+        images, labels = _read_split(root, class_names, image_size)
         return from_arrays(images, labels, class_names)
     train_dir = os.path.join(split_root, "train")
     class_names = _subfolders(train_dir)
@@ -356,7 +389,7 @@ def _read_layout(root):
             f"Received {train_dir} without class folders; expected "
             f"{train_dir}/<class>/<image>."
         )
-    images, labels = _read_split(train_dir, class_names)
+    images, labels = _read_split(train_dir, class_names, image_size)
     test_dir = os.path.join(split_root, "test")
     if not os.path.isdir(test_dir):
         return from_arrays(images, labels, class_names)
@@ -366,7 +399,7 @@ def _read_layout(root):
             f" but training classes {class_names}; expected the same class "
             "folders in train/ and test/. Add or remove folders to match."
         )
-    test_images, test_labels = _read_split(test_dir, class_names)
+    test_images, test_labels = _read_split(test_dir, class_names, image_size)
     return from_arrays(images, labels, class_names, test_images, test_labels)
 
 
@@ -404,8 +437,16 @@ def _load_decoded(path):
         )
 
 
-def load_image_folder(path: str,
-                      cache_dir: Optional[str] = None) -> SourceData:
+def _decoded_cache_name(image_size):
+    """The decoded cache's file name: images resized at decode differ."""
+    if image_size is None:
+        return DECODED_CACHE_NAME
+    stem, extension = os.path.splitext(DECODED_CACHE_NAME)
+    return f"{stem}_{int(image_size)}px{extension}"
+
+
+def load_image_folder(path: str, cache_dir: Optional[str] = None,
+                      image_size: Optional[int] = None) -> SourceData:
     """Class folders, or a `.tar.gz` of them.
 
     Layouts: `<root>/train/<class>/*` (+ optional `<root>/test/<class>/*`),
@@ -418,14 +459,16 @@ def load_image_folder(path: str,
     Args:
       path: a folder or a tar archive.
       cache_dir: extraction parent; default `~/.cache/lfm_tf`.
+      image_size: resize every image to this side (`decode_images`); the
+        decoded cache is then kept per size.
 
     Returns:
       `SourceData` (test split only with a `test/` folder).
 
     Raises:
       ValueError: a missing path, no images, undecodable images (named),
-        images of different sizes, different class folders in train/ and
-        test/.
+        images of different sizes without `image_size`, different class
+        folders in train/ and test/, a truncated archive.
     """
     if not os.path.exists(path):
         raise ValueError(
@@ -433,13 +476,13 @@ def load_image_folder(path: str,
             "folder or .tar.gz of class folders. Set --data_path."
         )
     if os.path.isdir(path):
-        return _read_layout(path)
+        return _read_layout(path, image_size)
     root = extract_archive(path, cache_dir)
-    cached = os.path.join(root, DECODED_CACHE_NAME)
+    cached = os.path.join(root, _decoded_cache_name(image_size))
     if os.path.exists(cached):
         logging.info("Loading decoded images from %s", cached)
         return _load_decoded(cached)
-    source = _read_layout(root)
+    source = _read_layout(root, image_size)
     _save_decoded(source, cached)
     return source
 
@@ -523,7 +566,8 @@ def load_source(config, arrays: Optional[SourceData] = None) -> SourceData:
     if config.source == "digits":
         return load_digits()
     if config.source == "folder":
-        return load_image_folder(config.data_path, config.cache_dir)
+        return load_image_folder(config.data_path, config.cache_dir,
+                                 config.image_size)
     if config.source == "tfds":
         return load_tfds(config.tfds_name, config.data_dir)
     if config.source == "arrays":

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from lfm_tf import distribute
 from lfm_tf.methods import learners
+from lfm_tf.methods import losses as losses_lib
 from lfm_tf.optimization import loss_scale as loss_scale_lib
 from lfm_tf.optimization import unroll
 from lfm_tf.reweighting import mistake_weighting
@@ -23,15 +24,19 @@ class MethodModel(keras.Model):
       classifier: the learner W1, images float [B,H,W,3] -> logits [B,C].
       sgd: `FunctionalSGD` stepping W1.
       num_classes: C.
+      training_loss: `losses.TrainingLoss`, the per-example loss of every
+        learner step (None: CE).
     """
 
     # Names of the `keras.metrics.Mean` trackers a subclass reports; created
     # in __init__ because metric variables cannot be created while tracing.
     METRIC_NAMES = ("loss",)
 
-    def __init__(self, classifier, sgd, num_classes, **kwargs):
+    def __init__(self, classifier, sgd, num_classes, training_loss=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.classifier = classifier
+        self.training_loss = training_loss or losses_lib.TrainingLoss()
         self.sgd = sgd
         self.num_classes = int(num_classes)
         self.sgd.build_slots(self.learner_variables())
@@ -76,11 +81,17 @@ class MethodModel(keras.Model):
     def call(self, images, training=False):
         return self.classifier(images, training=training)
 
-    def learner_losses(self, images, labels, training=True):
-        """Per-example CE of W1 (called normally, so BN statistics update).
+    def train_loss(self, labels, logits):
+        """The per-example training loss l_i at the current step, float [B]
+        (DRW reads the step counter)."""
+        return self.training_loss(labels, logits, self.step_counter)
 
-        A derived NAS network with an auxiliary head adds its weighted CE in
-        training (DARTS' evaluation protocol).
+    def learner_losses(self, images, labels, training=True):
+        """Per-example training loss of W1 (called normally, so BN
+        statistics update).
+
+        A derived NAS network with an auxiliary head adds its weighted loss
+        in training (DARTS' evaluation protocol).
 
         Returns:
           (losses float [B], logits float [B, C]).
@@ -89,13 +100,11 @@ class MethodModel(keras.Model):
         if training and auxiliary_weight:
             logits, auxiliary = self.classifier.logits_and_auxiliary(
                 images, training=True)
-            losses = mistake_weighting.per_example_cross_entropy(
-                labels, logits) + auxiliary_weight * (
-                    mistake_weighting.per_example_cross_entropy(
-                        labels, auxiliary))
+            losses = self.train_loss(labels, logits) + auxiliary_weight * (
+                self.train_loss(labels, auxiliary))
             return losses, logits
         logits = self.classifier(images, training=training)
-        return mistake_weighting.per_example_cross_entropy(labels, logits), logits
+        return self.train_loss(labels, logits), logits
 
     def sgd_update(self, sgd, variables, loss, tape):
         """Applies one functional SGD step on `variables` from `loss`.

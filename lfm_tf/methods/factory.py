@@ -13,6 +13,7 @@ from lfm_tf.methods import base
 from lfm_tf.methods import deep_bilevel
 from lfm_tf.methods import erm
 from lfm_tf.methods import lfm
+from lfm_tf.methods import losses
 from lfm_tf.methods import molere
 from lfm_tf.methods import penalty
 from lfm_tf.methods import reweighting_baselines
@@ -88,11 +89,39 @@ def _sgd(config, facts, learning_rate, name):
     return base.make_sgd(config.optimizer, learning_rate, total, warmup, name)
 
 
-def _common(config, facts):
+def training_loss(config, facts, loss=None):
+    """The run's per-example training loss (`config.loss`).
+
+    Args:
+      config: a validated `ExperimentConfig`.
+      facts: `DataFacts`; its class counts feed the prior-based losses and
+        DRW.
+      loss: overrides `config.loss.loss` (the focal method).
+
+    Returns:
+      A `losses.TrainingLoss`.
+    """
+    spec = config.loss
+    drw_start_step = None
+    if spec.drw_start_epoch is not None:
+        drw_start_step = spec.drw_start_epoch * (
+            config.train.steps_per_epoch or facts.steps_per_epoch)
+    return losses.TrainingLoss(
+        loss or spec.loss, facts.class_counts,
+        focal_gamma=config.method.focal_gamma,
+        logit_adjust_tau=spec.logit_adjust_tau,
+        ldam_max_margin=spec.ldam_max_margin, ldam_scale=spec.ldam_scale,
+        gce_q=spec.gce_q, drw_start_step=drw_start_step,
+        drw_beta=spec.drw_beta,
+    )
+
+
+def _common(config, facts, loss=None):
     return dict(
         classifier=_classifier(config, facts, "w1_classifier"),
         sgd=_sgd(config, facts, config.optimizer.w1_learning_rate, "w1_sgd"),
         num_classes=facts.num_classes,
+        training_loss=training_loss(config, facts, loss),
     )
 
 
@@ -101,7 +130,7 @@ def _build_erm(config, facts):
 
 
 def _build_focal(config, facts):
-    return erm.Focal(**_common(config, facts), gamma=config.method.focal_gamma)
+    return erm.Focal(**_common(config, facts, loss="focal"))
 
 
 def _build_class_balanced(config, facts):
@@ -204,6 +233,7 @@ def _build_lfm(config, facts):
         num_weighting=num_weighting,
         config=method,
         optimizer_config=config.optimizer,
+        class_counts=facts.class_counts,
     )
 
 

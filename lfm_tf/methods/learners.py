@@ -37,12 +37,18 @@ class Learner:
       architecture: for a supernet trunk, the `nas.Architecture` whose
         current α every forward pass reads (so tapes see α as a variable);
         None for ordinary networks.
+      training_loss: (labels int [B], logits float [B, C]) -> float [B],
+        the per-example loss of this learner's training steps (`--loss`,
+        `methods.losses.TrainingLoss`); None: CE. `losses` (meta and
+        validation batches) is always CE.
     """
 
-    def __init__(self, trunk, head, architecture=None):
+    def __init__(self, trunk, head, architecture=None, training_loss=None):
         self.trunk = trunk
         self.head = head
         self.architecture = architecture
+        self.training_loss = (
+            training_loss or mistake_weighting.per_example_cross_entropy)
 
     @property
     def variables(self):
@@ -102,11 +108,21 @@ class Learner:
             out,
         )
 
+    def train_losses(self, params, images, labels, training=True):
+        """Per-example training loss l_i at `params` -> (float [B], Forward).
+
+        What every step that trains this learner descends; equal to
+        `losses` under `--loss=ce`.
+        """
+        out = self.forward(params, images, training=training)
+        return self.training_loss(labels, out.logits), out
+
     def loss_vector_fn(self, images, labels, training=True):
-        """A pure function params -> per-example CE (for directional terms)."""
+        """A pure function params -> per-example training losses l_i (the
+        mixed terms <grad l_i, v> of the training batch)."""
 
         def fn(params):
-            return self.losses(params, images, labels, training)[0]
+            return self.train_losses(params, images, labels, training)[0]
 
         return fn
 

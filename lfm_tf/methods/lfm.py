@@ -74,8 +74,12 @@ class LFM(base.MethodModel):
         self.w2_head = w2_head
         self.w2_sgd = w2_sgd
         self.encoder = encoder
-        self.w1 = learners.Learner(classifier.trunk, classifier.head)
-        self.w2 = learners.Learner(w2_trunk, w2_head)
+        # Both learners' steps descend the run's training loss (`--loss`);
+        # u and L_val on the meta batch stay CE (`Learner.losses`).
+        self.w1 = learners.Learner(classifier.trunk, classifier.head,
+                                   training_loss=self.train_loss)
+        self.w2 = learners.Learner(w2_trunk, w2_head,
+                                   training_loss=self.train_loss)
         self.w2_sgd.build_slots(self.w2.variables)
         self.example_weight_table = example_weights.WeightTable(
             num_train, 1.0, non_negative=True, name="example_weight_table"
@@ -415,7 +419,7 @@ class LFM(base.MethodModel):
     def _unrolled_step(self, learner, sgd, params, train, weights) -> Step:
         with tf.GradientTape() as tape:
             tape.watch(params)
-            losses, out = learner.losses(
+            losses, out = learner.train_losses(
                 params, train["image"], train["label"]
             )
             loss = tf.reduce_mean(tf.cast(weights, losses.dtype) * losses)

@@ -1,4 +1,4 @@
-"""Per-example losses and class weights of the loss-based baselines."""
+"""Per-example training losses (the `--loss` axis) and class weights."""
 
 import numpy as np
 import tensorflow as tf
@@ -46,3 +46,211 @@ def class_balanced_weights(class_counts, beta):
     effective = (1.0 - np.power(beta, counts)) / (1.0 - beta)
     weights = 1.0 / effective
     return (weights * len(counts) / weights.sum()).astype(np.float32)
+
+
+def _checked_counts(class_counts, what):
+    """class_counts as float64 numpy [C], refusing empty classes."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or np.any(counts <= 0):
+        empty = np.flatnonzero(counts <= 0).tolist()
+        raise ValueError(
+            f"Received class counts {counts.tolist()} (empty classes "
+            f"{empty}); {what} needs at least one training example per class. "
+            "Lower --imbalance_factor or use --loss=ce."
+        )
+    return counts
+
+
+def logit_adjusted_loss(labels, logits, class_counts, tau):
+    """Logit-adjusted CE (Menon et al. 2021): CE(z + tau log pi).
+
+    pi is the training label prior; adding tau log pi_c to class c's logit
+    during training only makes the learner's own logits z estimate the
+    balanced posterior, so inference uses z unchanged.
+
+    Args:
+      labels: int [B].
+      logits: float [B, C].
+      class_counts: [C] training examples per class (observed labels).
+      tau: temperature >= 0; 0 gives plain CE.
+
+    Returns:
+      float [B].
+    """
+    counts = _checked_counts(class_counts, "the logit-adjusted loss")
+    log_prior = tf.constant(np.log(counts / counts.sum()), logits.dtype)
+    return mistake_weighting.per_example_cross_entropy(
+        labels, logits + tf.cast(tau, logits.dtype) * log_prior)
+
+
+def balanced_softmax_loss(labels, logits, class_counts):
+    """Balanced softmax (Ren et al. 2020): CE(z + log n_c).
+
+    Equal to the logit-adjusted loss at tau = 1 (the shift log n_c and
+    log pi_c differ by a constant, which the softmax ignores); a separate
+    name because both papers are baselines users pick.
+
+    Args:
+      labels: int [B].
+      logits: float [B, C].
+      class_counts: [C] training examples per class.
+
+    Returns:
+      float [B].
+    """
+    counts = _checked_counts(class_counts, "balanced softmax")
+    log_counts = tf.constant(np.log(counts), logits.dtype)
+    return mistake_weighting.per_example_cross_entropy(
+        labels, logits + log_counts)
+
+
+def ldam_margins(class_counts, max_margin):
+    """LDAM's class margins (Cao et al. 2019): Delta_c = K / n_c^(1/4).
+
+    K is chosen so that the rarest class gets `max_margin` (the paper's
+    code tunes the largest margin, 0.5).
+
+    Args:
+      class_counts: [C] training examples per class.
+      max_margin: the largest margin, > 0.
+
+    Returns:
+      float64 numpy [C], decreasing in n_c.
+    """
+    counts = _checked_counts(class_counts, "LDAM")
+    inverse_root = counts ** -0.25
+    return max_margin * inverse_root / inverse_root.max()
+
+
+def ldam_loss(labels, logits, margins, scale):
+    """LDAM loss (Cao et al. 2019): CE(s * (z - Delta_y e_y)).
+
+    The true class's logit is lowered by its class margin before the
+    softmax. The paper's z are cosines (normalised features and head
+    weights) and s = 30 restores a usable logit range; our heads are plain
+    dense layers whose logits carry their own scale, so the scale is a flag
+    (README, `--ldam_scale`).
+
+    Args:
+      labels: int [B].
+      logits: float [B, C].
+      margins: [C] per-class margins Delta (`ldam_margins`).
+      scale: s > 0, multiplies the margin-adjusted logits.
+
+    Returns:
+      float [B].
+    """
+    labels = tf.cast(labels, tf.int32)
+    margin = tf.gather(tf.constant(margins, logits.dtype), labels)
+    shifted = logits - margin[:, None] * tf.one_hot(
+        labels, tf.shape(logits)[-1], dtype=logits.dtype)
+    return mistake_weighting.per_example_cross_entropy(
+        labels, tf.cast(scale, logits.dtype) * shifted)
+
+
+def generalized_cross_entropy(labels, logits, q):
+    """GCE (Zhang & Sabuncu 2018): (1 - p_y^q) / q.
+
+    q -> 0 gives CE, q = 1 the (noise-robust) MAE up to a factor. Computed
+    as -expm1(-q CE) / q, since p_y^q = exp(-q CE): no p_y underflow.
+
+    Args:
+      labels: int [B].
+      logits: float [B, C].
+      q: in (0, 1].
+
+    Returns:
+      float [B].
+    """
+    ce = mistake_weighting.per_example_cross_entropy(labels, logits)
+    q = tf.cast(q, ce.dtype)
+    return -tf.math.expm1(-q * ce) / q
+
+
+class TrainingLoss:
+    """The per-example training loss l_i every learner step uses.
+
+    One object per run: `--loss` with its parameters and LDAM's deferred
+    re-weighting (DRW). Meta and validation losses are never this loss: they
+    stay plain CE on the clean, balanced meta set.
+
+    Args:
+      loss: one of `config.LOSSES`.
+      class_counts: [C] training examples per observed class; needed by
+        every loss but `ce`, `focal`, `gce` and by DRW.
+      focal_gamma: gamma of `focal`.
+      logit_adjust_tau: tau of `logit_adjusted`.
+      ldam_max_margin: the largest LDAM margin.
+      ldam_scale: LDAM's s.
+      gce_q: q of `gce`.
+      drw_start_step: the optimizer step from which every loss is
+        multiplied by its class's class-balanced weight; None: never.
+      drw_beta: beta of DRW's effective number.
+    """
+
+    def __init__(self, loss="ce", class_counts=None, *, focal_gamma=2.0,
+                 logit_adjust_tau=1.0, ldam_max_margin=0.5, ldam_scale=1.0,
+                 gce_q=0.7, drw_start_step=None, drw_beta=0.9999):
+        self.loss = loss
+        self.class_counts = class_counts
+        self.focal_gamma = float(focal_gamma)
+        self.logit_adjust_tau = float(logit_adjust_tau)
+        self.ldam_scale = float(ldam_scale)
+        self.gce_q = float(gce_q)
+        needs_counts = loss in ("logit_adjusted", "balanced_softmax", "ldam")
+        if (needs_counts or drw_start_step is not None) and (
+                class_counts is None):
+            raise ValueError(
+                f"Received loss={loss!r} with drw_start_step="
+                f"{drw_start_step!r} but no class counts; expected the "
+                "training set's class counts (DataFacts.class_counts).")
+        self.margins = (ldam_margins(class_counts, ldam_max_margin)
+                        if loss == "ldam" else None)
+        self.drw_start_step = drw_start_step
+        self.drw_weights = (
+            None if drw_start_step is None
+            else class_balanced_weights(class_counts, drw_beta))
+
+    @property
+    def is_cross_entropy(self):
+        """Whether l_i is plain CE (closed-form head gradients apply)."""
+        return self.loss == "ce" and self.drw_start_step is None
+
+    def base_loss(self, labels, logits):
+        """l_i without DRW, float [B]."""
+        if self.loss == "ce":
+            return mistake_weighting.per_example_cross_entropy(labels, logits)
+        if self.loss == "focal":
+            return focal_loss(labels, logits, self.focal_gamma)
+        if self.loss == "logit_adjusted":
+            return logit_adjusted_loss(labels, logits, self.class_counts,
+                                       self.logit_adjust_tau)
+        if self.loss == "balanced_softmax":
+            return balanced_softmax_loss(labels, logits, self.class_counts)
+        if self.loss == "ldam":
+            return ldam_loss(labels, logits, self.margins, self.ldam_scale)
+        if self.loss == "gce":
+            return generalized_cross_entropy(labels, logits, self.gce_q)
+        raise ValueError(
+            f"Received loss={self.loss!r}; expected one of ce, focal, "
+            "logit_adjusted, balanced_softmax, ldam, gce.")
+
+    def __call__(self, labels, logits, step=None):
+        """l_i at optimizer step `step` (int scalar; DRW reads it).
+
+        Args:
+          labels: int [B].
+          logits: float [B, C].
+          step: the current optimizer step (0-based); None counts as 0.
+
+        Returns:
+          float [B].
+        """
+        losses = self.base_loss(labels, logits)
+        if self.drw_weights is None:
+            return losses
+        weights = tf.gather(tf.constant(self.drw_weights, losses.dtype),
+                            tf.cast(labels, tf.int32))
+        on = tf.cast(step if step is not None else 0, tf.int64) >= (
+            self.drw_start_step)
+        return tf.where(on, weights * losses, losses)

@@ -49,7 +49,8 @@ class _LookaheadModel(base.MethodModel):
                  **kwargs):
         super().__init__(classifier, sgd, num_classes, **kwargs)
         self.method_config = method_config
-        self.w1 = learners.Learner(classifier.trunk, classifier.head)
+        self.w1 = learners.Learner(classifier.trunk, classifier.head,
+                                   training_loss=self.train_loss)
 
     def meta_direction(self, params, meta):
         """v = grad_W L_val(W) at `params` (list of tensors)."""
@@ -89,7 +90,7 @@ class _LookaheadModel(base.MethodModel):
         params = self.w1.current()
         with tf.GradientTape() as tape:
             tape.watch(params)
-            losses, out = self.w1.losses(
+            losses, out = self.w1.train_losses(
                 params, train["image"], train["label"]
             )
             loss = tf.reduce_mean(tf.stop_gradient(weights) * losses)
@@ -180,7 +181,8 @@ class MetaWeightNet(_LookaheadModel):
         params = self.w1.current()
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(params)
-            losses, _ = self.w1.losses(params, train["image"], train["label"])
+            losses, _ = self.w1.train_losses(
+                params, train["image"], train["label"])
             weights = self.example_weights(losses)
             lookahead_loss = tf.reduce_mean(tf.stop_gradient(weights) * losses)
         grads = distribute.replica_mean(

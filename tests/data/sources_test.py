@@ -256,9 +256,51 @@ class FolderTest(tf.test.TestCase):
         _write_images(root, splits=("sizes",))
         odd = os.path.join(root, "sizes", "dog", "big.png")
         Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(odd)
-        with self.assertRaisesRegex(ValueError,
-                                    r"different sizes.*big.png is \(7, 7"):
+        with self.assertRaisesRegex(
+                ValueError,
+                r"different sizes.*\(5, 5, 3\).*big.png is \(7, 7.*"
+                r"--image_size=5"):
             sources.load_image_folder(os.path.join(root, "sizes"))
+
+    def test_image_size_resizes_a_folder_of_mixed_sizes(self):
+        root = os.path.join(self.get_temp_dir(), "mixed")
+        rng = np.random.default_rng(1)
+        pixels = {"a": rng.integers(0, 256, (5, 7, 3), np.uint8),
+                  "b": rng.integers(0, 256, (9, 4, 3), np.uint8)}
+        for name, image in pixels.items():
+            os.makedirs(os.path.join(root, name))
+            Image.fromarray(image).save(os.path.join(root, name, "0.png"))
+        with self.assertRaisesRegex(
+                ValueError, r"a/0.png is \(5, 7, 3\).*b/0.png is \(9, 4, 3\)"
+                r".*--image_size"):
+            sources.load_image_folder(root)
+        data = sources.load_source(config_lib.DataConfig(
+            source="folder", data_path=root, image_size=6))
+        self.assertEqual(data.train_images.shape, (2, 6, 6, 3))
+        # The pixels the pipeline's (and the exported model's) resize gives.
+        from lfm_tf.data import pipeline  # pylint: disable=g-import-not-at-top
+        preprocessing = pipeline.Preprocessing(6, (0.0,) * 3, (1.0,) * 3)
+        for got, name in zip(data.train_images, ("a", "b")):
+            want = pipeline.resize(tf.constant(pixels[name]), preprocessing)
+            self.assertAllEqual(got, want)
+
+    def test_truncated_archive_is_named_and_cleaned_up(self):
+        root = self.get_temp_dir()
+        _write_images(os.path.join(root, "src4"), splits=("train",),
+                      per_class=20, size=16)
+        archive = _tar(os.path.join(root, "src4"),
+                       os.path.join(root, "whole.tar.gz"), "d")
+        with open(archive, "rb") as f:
+            content = f.read()
+        cut = os.path.join(root, "cut.tar.gz")
+        with open(cut, "wb") as f:
+            f.write(content[:len(content) // 2])
+        cache = os.path.join(root, "cache5")
+        with self.assertRaisesRegex(
+                ValueError, r"cut.tar.gz \(\d+ bytes\), which looks "
+                r"truncated or corrupt.*EOFError.*again"):
+            sources.load_image_folder(cut, cache)
+        self.assertEqual(os.listdir(cache), [])  # No .extract-* left.
 
     def test_train_and_test_classes_differ(self):
         root = os.path.join(self.get_temp_dir(), "differ")

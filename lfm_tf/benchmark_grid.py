@@ -7,7 +7,10 @@ A grid is three lists, each from one flag of `pipelines.benchmark`:
     --grid_seeds=0,1,2
 
 A method entry is a method name (`erm`) or `name:field=value;field=value`
-(a variant; `method=` may be omitted when `name` is a method). A setting entry
+(a variant; `method=` may be omitted when `name` is a method). A method's
+numeric value may be relative, `xK`: K times the cell's value before the
+method (the setting's, else the base's), so `erm_2x:method=erm;epochs=x2`
+is step-matched ERM in every setting, whatever its epochs. A setting entry
 is always `name:field=value;...`. Fields are `ExperimentConfig` fields, i.e.
 any `pipelines.train` flag; the seed sets `seed`. Every cell's config is
 validated before the first cell trains, so a typo fails in seconds, not after
@@ -76,6 +79,29 @@ class GridEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scaled:
+    """A method entry's relative value `xK`: K times the cell's value."""
+
+    factor: float
+
+    def __str__(self):
+        return f"x{self.factor:g}"
+
+    def apply(self, value, kind):
+        """K * value as the field's type (ints rounded)."""
+        if value is None:
+            raise ValueError(
+                f"the relative value {self} scales a field that is unset "
+                "(None); set it in the setting or the base flags, or give "
+                "an absolute value")
+        scaled = self.factor * value
+        return int(round(scaled)) if kind is int else kind(scaled)
+
+
+_SCALED = re.compile(r"^x([0-9]+(?:\.[0-9]+)?)$")
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
     """One run of the grid: a setting, a method and a seed."""
 
@@ -105,9 +131,22 @@ class Grid:
     def config_for(self, base, cell):
         """The validated config of `cell`: base, setting, method, seed."""
         overrides = dict(cell.setting.overrides)
-        overrides.update(cell.method.overrides)
+        before = base.replace(**overrides)
+        types = _field_types()
+        for field, value in cell.method.overrides:
+            if isinstance(value, Scaled):
+                value = value.apply(_field_value(before, field), types[field])
+            overrides[field] = value
         overrides["seed"] = cell.seed
         return base.replace(**overrides).validate()
+
+
+def _field_value(config, field):
+    """The value of flat field `field` in `config`."""
+    for group in config.groups():
+        if field in {f.name for f in dataclasses.fields(group)}:
+            return getattr(group, field)
+    raise KeyError(field)
 
 
 def _field_types():
@@ -177,6 +216,10 @@ def parse_entry(kind: str, text: str) -> GridEntry:
             fail(f"{field!r} is not a config field")
         if field == "seed":
             fail("the seed comes from --grid_seeds, not from an entry")
+        scaled = _SCALED.match(value.strip())
+        if scaled and kind == "method" and types[field] in (int, float):
+            overrides.append((field, Scaled(float(scaled.group(1)))))
+            continue
         try:
             overrides.append((field, _convert(types[field], value.strip())))
         except ValueError:

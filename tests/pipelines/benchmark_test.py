@@ -167,6 +167,21 @@ class GridEntryTest(unittest.TestCase):
         self.assertEqual(setting.overrides,
                          (("noise_type", "flip"), ("noise_rate", 0.4)))
 
+    def test_relative_method_values_scale_each_setting(self):
+        grid = benchmark_grid.parse_grid(
+            ["erm_2x:method=erm;epochs=x2;w1_learning_rate=x1.5"],
+            ["lt:imbalance_factor=20;epochs=6",
+             "noise:noise_type=uniform;noise_rate=0.4"],
+            ["0"], config_lib.ExperimentConfig().replace(epochs=4))
+        configs = [grid.config_for(config_lib.ExperimentConfig().replace(
+            epochs=4), cell) for cell in grid.cells()]
+        self.assertEqual([c.train.epochs for c in configs], [12, 8])
+        self.assertAlmostEqual(configs[1].optimizer.w1_learning_rate,
+                               1.5 * config_lib.OptimizerConfig()
+                               .w1_learning_rate)
+        self.assertEqual(grid.methods[0].describe(),
+                         "erm_2x:method=erm;epochs=x2;w1_learning_rate=x1.5")
+
     def test_bad_entries_name_the_value_and_the_fix(self):
         cases = [
             ("method", "magic", "'magic' is not a method"),

@@ -10,7 +10,9 @@ A method entry is a method name (`erm`) or `name:field=value;field=value`
 (a variant; `method=` may be omitted when `name` is a method). A method's
 numeric value may be relative, `xK`: K times the cell's value before the
 method (the setting's, else the base's), so `erm_2x:method=erm;epochs=x2`
-is step-matched ERM in every setting, whatever its epochs. A setting entry
+is step-matched ERM in every setting, whatever its epochs; `xK*field` is K
+times another field's value (`drw_start_epoch=x0.8*epochs`), also taken
+before the method's own overrides. A setting entry
 is always `name:field=value;...`. Fields are `ExperimentConfig` fields, i.e.
 any `pipelines.train` flag; the seed sets `seed`. Every cell's config is
 validated before the first cell trains, so a typo fails in seconds, not after
@@ -80,12 +82,15 @@ class GridEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Scaled:
-    """A method entry's relative value `xK`: K times the cell's value."""
+    """A method entry's relative value `xK` (K times the cell's value of
+    the same field) or `xK*source` (K times the `source` field's)."""
 
     factor: float
+    source: Optional[str] = None
 
     def __str__(self):
-        return f"x{self.factor:g}"
+        suffix = f"*{self.source}" if self.source else ""
+        return f"x{self.factor:g}{suffix}"
 
     def apply(self, value, kind):
         """K * value as the field's type (ints rounded)."""
@@ -98,7 +103,7 @@ class Scaled:
         return int(round(scaled)) if kind is int else kind(scaled)
 
 
-_SCALED = re.compile(r"^x([0-9]+(?:\.[0-9]+)?)$")
+_SCALED = re.compile(r"^x([0-9]+(?:\.[0-9]+)?)(?:\*([A-Za-z0-9_]+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +140,8 @@ class Grid:
         types = _field_types()
         for field, value in cell.method.overrides:
             if isinstance(value, Scaled):
-                value = value.apply(_field_value(before, field), types[field])
+                value = value.apply(
+                    _field_value(before, value.source or field), types[field])
             overrides[field] = value
         overrides["seed"] = cell.seed
         return base.replace(**overrides).validate()
@@ -218,7 +224,11 @@ def parse_entry(kind: str, text: str) -> GridEntry:
             fail("the seed comes from --grid_seeds, not from an entry")
         scaled = _SCALED.match(value.strip())
         if scaled and kind == "method" and types[field] in (int, float):
-            overrides.append((field, Scaled(float(scaled.group(1)))))
+            source = scaled.group(2)
+            if source is not None and types.get(source) not in (int, float):
+                fail(f"{source!r} in {value.strip()!r} is not a numeric "
+                     "config field")
+            overrides.append((field, Scaled(float(scaled.group(1)), source)))
             continue
         try:
             overrides.append((field, _convert(types[field], value.strip())))

@@ -169,18 +169,22 @@ class GridEntryTest(unittest.TestCase):
 
     def test_relative_method_values_scale_each_setting(self):
         grid = benchmark_grid.parse_grid(
-            ["erm_2x:method=erm;epochs=x2;w1_learning_rate=x1.5"],
+            ["erm_2x:method=erm;epochs=x2;w1_learning_rate=x1.5;"
+             "drw_start_epoch=x0.8*epochs"],
             ["lt:imbalance_factor=20;epochs=6",
              "noise:noise_type=uniform;noise_rate=0.4"],
             ["0"], config_lib.ExperimentConfig().replace(epochs=4))
         configs = [grid.config_for(config_lib.ExperimentConfig().replace(
             epochs=4), cell) for cell in grid.cells()]
         self.assertEqual([c.train.epochs for c in configs], [12, 8])
+        # 0.8 of the setting's epochs (before the method doubles them).
+        self.assertEqual([c.loss.drw_start_epoch for c in configs], [5, 3])
         self.assertAlmostEqual(configs[1].optimizer.w1_learning_rate,
                                1.5 * config_lib.OptimizerConfig()
                                .w1_learning_rate)
         self.assertEqual(grid.methods[0].describe(),
-                         "erm_2x:method=erm;epochs=x2;w1_learning_rate=x1.5")
+                         "erm_2x:method=erm;epochs=x2;w1_learning_rate=x1.5;"
+                         "drw_start_epoch=x0.8*epochs")
 
     def test_bad_entries_name_the_value_and_the_fix(self):
         cases = [
@@ -190,6 +194,8 @@ class GridEntryTest(unittest.TestCase):
             ("setting", "if100:imbalance_factor=big",
              "'big' is not a valid float"),
             ("setting", "x:method=lfm", "may not choose the method"),
+            ("method", "v:method=erm;epochs=x2*noise_type",
+             "'noise_type' in 'x2*noise_type' is not a numeric"),
         ]
         for kind, text, problem in cases:
             with self.assertRaises(ValueError) as caught:

@@ -165,8 +165,22 @@ def _field_types():
     return types
 
 
-def _convert(kind, text):
-    """A flag-style string as the field's type (bool: true/false/1/0)."""
+def _optional_fields():
+    """Names of the fields that may be None (`Optional[...]`)."""
+    return {
+        field.name
+        for group in dataclasses.fields(config_lib.ExperimentConfig)
+        for field in dataclasses.fields(group.default_factory)
+        if type(None) in typing.get_args(field.type)
+    }
+
+
+def _convert(kind, text, optional=True):
+    """A flag-style string as the field's type (bool: true/false/1/0).
+
+    `none` is None only for an optional field: for the others (e.g.
+    `noise_type=none`) it is the string.
+    """
     if kind is bool:
         lowered = text.strip().lower()
         if lowered in ("true", "1", "yes"):
@@ -174,7 +188,7 @@ def _convert(kind, text):
         if lowered in ("false", "0", "no"):
             return False
         raise ValueError(f"{text!r} is not a bool")
-    if text.strip().lower() == "none":
+    if optional and text.strip().lower() == "none":
         return None
     return kind(text)
 
@@ -231,7 +245,8 @@ def parse_entry(kind: str, text: str) -> GridEntry:
             overrides.append((field, Scaled(float(scaled.group(1)), source)))
             continue
         try:
-            overrides.append((field, _convert(types[field], value.strip())))
+            overrides.append((field, _convert(
+                types[field], value.strip(), field in _optional_fields())))
         except ValueError:
             fail(f"{value!r} is not a valid {types[field].__name__} "
                  f"for {field}")

@@ -166,6 +166,11 @@ class GridEntryTest(unittest.TestCase):
             "setting", "flip40:noise_type=flip;noise_rate=0.4")
         self.assertEqual(setting.overrides,
                          (("noise_type", "flip"), ("noise_rate", 0.4)))
+        # `none` is a choice of noise_type, None only for optional fields.
+        setting = benchmark_grid.parse_entry(
+            "setting", "lt:noise_type=none;max_train_per_class=none")
+        self.assertEqual(setting.overrides, (
+            ("noise_type", "none"), ("max_train_per_class", None)))
 
     def test_relative_method_values_scale_each_setting(self):
         grid = benchmark_grid.parse_grid(

@@ -35,6 +35,30 @@ SEARCH_METHODS = ("darts", "lfm_darts")
 ARCH_ORDERS = ("first", "second")
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+LR_SCHEDULES = ("constant", "cosine")
+# Every choice-valued field and its choices: validate() checks them and
+# pipelines/flags.py defines each as an enum flag (`--helpfull` lists the
+# choices). A new choice field needs its tuple above and an entry here.
+CHOICES = {
+    "source": SOURCES,
+    "noise_type": NOISE_TYPES,
+    "backbone": BACKBONES,
+    "lr_schedule": LR_SCHEDULES,
+    "method": METHODS,
+    "hypergradient": HYPERGRADIENTS,
+    "encoder": ENCODERS,
+    "similarity": SIMILARITIES,
+    "weighting_mode": WEIGHTING_MODES,
+    "evaluate_learner": EVALUATED_LEARNERS,
+    "weight_normalization": WEIGHT_NORMALIZATIONS,
+    "loss": LOSSES,
+    "dbl_validation": DBL_VALIDATION,
+    "arch_order": ARCH_ORDERS,
+    "strategy": STRATEGIES,
+    "mixed_precision": MIXED_PRECISION,
+}
+# numpy's legacy seeding (keras.utils.set_random_seed) takes [0, 2**32).
+MAX_SEED = 2**32 - 1
 
 
 def parse_list(name, text, kind=float):
@@ -134,6 +158,31 @@ class DataConfig:
             raise ValueError(
                 "Received source='tfds' without tfds_name; expected a TFDS "
                 "image-classification name. Set --tfds_name=cifar10."
+            )
+        # A path or name the chosen source never reads is almost always a
+        # forgotten --source; training on other data than meant is worse
+        # than an error.
+        if self.data_path and self.source != "folder":
+            raise ValueError(
+                f"Received data_path={self.data_path!r} with source="
+                f"{self.source!r}, which does not read it; expected data_path "
+                "only with source='folder'. Set --source=folder to train on "
+                "it, or drop --data_path (--data_path= clears one set in a "
+                "flagfile)."
+            )
+        if self.tfds_name and self.source != "tfds":
+            raise ValueError(
+                f"Received tfds_name={self.tfds_name!r} with source="
+                f"{self.source!r}, which does not read it; expected tfds_name "
+                "only with source='tfds'. Set --source=tfds to train on it, "
+                "or drop --tfds_name (--tfds_name= clears one set in a "
+                "flagfile)."
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(
+                f"Received seed={self.seed}; expected an integer in "
+                f"[0, {MAX_SEED}] (numpy's seed range). Set --seed=0 or "
+                "another non-negative integer."
             )
         if self.imbalance_factor < 1:
             raise ValueError(
@@ -245,7 +294,7 @@ class OptimizerConfig:
         for field in dataclasses.fields(self):
             if field.name.endswith("learning_rate"):
                 _check_positive(field.name, getattr(self, field.name))
-        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not 0 <= self.momentum < 1:
             raise ValueError(
                 f"Received momentum={self.momentum}; expected [0, 1)."

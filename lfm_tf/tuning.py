@@ -7,6 +7,10 @@ the form used by `--tune_space`:
 
 where `name` is an `ExperimentConfig` field (so a trial is just a config,
 and the best one is written back as a flagfile `pipelines.train` accepts).
+`merge_space` refuses a space before the first trial unless every value
+fits its field (type, `config.CHOICES`, bools as true/false/1/0, whole
+`int` bounds, training methods only) and every combination of choices and
+bounds validates.
 The objective is validation accuracy on the clean meta set; the test set is
 never read while tuning.
 """
@@ -14,12 +18,15 @@ never read while tuning.
 import csv
 import dataclasses
 import io
+import itertools
+import math
 import os
 import typing
 from typing import Dict, List, Sequence
 
 import keras
 import keras_tuner as kt
+from absl import logging
 
 from lfm_tf import config as config_lib
 from lfm_tf import train_lib
@@ -104,6 +111,86 @@ def _field_types():
     return types
 
 
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+_FORMS = ("expected name=float:LOW:HIGH[:log] with 0 < LOW < HIGH for log, "
+          "name=int:LOW:HIGH, or name=choice:A,B,C")
+# Above this many corner combinations the space is checked one dimension at
+# a time (a trial that still fails is recorded as failed by KerasTuner).
+_MAX_COMBINATIONS = 20000
+
+
+def _parse_choice(entry, name, kind, text):
+    """One `choice:` value as its field's type, refused unless allowed.
+
+    Raises:
+      ValueError: naming the entry, the value and what is allowed.
+    """
+    text = text.strip()
+
+    def refuse(allowed):
+        raise ValueError(
+            f"Search-space entry {entry!r}: {name}={text!r} is not allowed; "
+            f"expected {allowed}. Fix the value in --tune_space.")
+
+    if kind is bool:
+        if text.lower() not in _BOOLS:
+            refuse("a bool: true, false, 1 or 0")
+        return _BOOLS[text.lower()]
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            refuse(f"a number of the field's type {kind.__name__}")
+    if not text:
+        refuse("a non-empty value")
+    choices = config_lib.CHOICES.get(name)
+    if choices is not None and text not in choices:
+        refuse(f"one of {list(choices)}")
+    if name == "method" and text not in DEFAULT_SPACES:
+        refuse(f"a training method, one of {sorted(DEFAULT_SPACES)} (the "
+               "tuner trains classifiers; tune a searched cell by training "
+               "it with --genotype)")
+    return text
+
+
+def _parse_bounds(entry, name, kind, field_type, rest):
+    """(low, high, log) of a `float:` or `int:` entry.
+
+    Raises:
+      ValueError: the field is not of that numeric type, or the bounds are
+        malformed, reversed, fractional for int, or not positive for log.
+    """
+    if field_type is not (int if kind == "int" else float):
+        fix = {int: f"{name}=int:LOW:HIGH", float: f"{name}=float:LOW:HIGH"
+               }.get(field_type, f"{name}=choice:A,B")
+        type_name = field_type.__name__
+        article = "an" if type_name[0] in "aeiou" else "a"
+        raise ValueError(
+            f"Search-space entry {entry!r}: {name} is {article} {type_name} "
+            f"field, so {kind}: ranges do not fit it; expected {fix}.")
+    parts = rest.split(":")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"Cannot parse search-space entry {entry!r} (bounds); "
+            f"{_FORMS}.") from None
+    log = parts[2:] == ["log"]
+    if parts[2:] not in ([], ["log"]) or not low < high or (log and low <= 0):
+        raise ValueError(
+            f"Cannot parse search-space entry {entry!r} (bad bounds); "
+            f"{_FORMS}.")
+    if kind == "int":
+        if not (low.is_integer() and high.is_integer()):
+            raise ValueError(
+                f"Search-space entry {entry!r}: {name} is an int field but "
+                f"the bounds {parts[0]}:{parts[1]} are fractional; expected "
+                f"whole numbers, e.g. {name}=int:{int(low)}:"
+                f"{max(int(low) + 1, int(high))}.")
+        low, high = int(low), int(high)
+    return low, high, log
+
+
 def parse_space(entries: Sequence[str], base=None) -> List[Dimension]:
     """Parses `name=kind:...` entries, checking each against the config.
 
@@ -113,9 +200,11 @@ def parse_space(entries: Sequence[str], base=None) -> List[Dimension]:
         bounds must make a valid config with it (default: the defaults).
 
     Raises:
-      ValueError: naming the entry, what was expected and the fix.
+      ValueError: naming the entry, the value, what was expected and the
+        fix.
     """
     types = _field_types()
+    base = base or config_lib.ExperimentConfig()
     dimensions = []
     for entry in entries:
         name, _, spec = entry.partition("=")
@@ -125,29 +214,29 @@ def parse_space(entries: Sequence[str], base=None) -> List[Dimension]:
                 f"Search-space entry {entry!r} names no config field "
                 f"{name!r}; expected one of the pipelines.train flags."
             )
-        try:
-            if kind in ("float", "int"):
-                parts = rest.split(":")
-                low, high = float(parts[0]), float(parts[1])
-                log = parts[2:] == ["log"]
-                if parts[2:] not in ([], ["log"]) or not low < high or (
-                        log and low <= 0):
-                    raise ValueError("bad bounds")
-                dimension = Dimension(name, kind, low, high, log)
-            elif kind == "choice":
-                values = tuple(types[name](v) for v in rest.split(","))
-                dimension = Dimension(name, "choice", values=values)
-            else:
-                raise ValueError("bad kind")
-        except (ValueError, IndexError) as error:
+        if kind in ("float", "int"):
+            low, high, log = _parse_bounds(entry, name, kind, types[name],
+                                           rest)
+            dimension = Dimension(name, kind, low, high, log)
+        elif kind == "choice":
+            values = tuple(_parse_choice(entry, name, types[name], v)
+                           for v in rest.split(","))
+            if len(set(values)) < len(values):
+                raise ValueError(
+                    f"Search-space entry {entry!r} repeats a value; expected "
+                    "distinct choices.")
+            dimension = Dimension(name, "choice", values=values)
+        else:
             raise ValueError(
-                f"Cannot parse search-space entry {entry!r} ({error}); "
-                "expected name=float:LOW:HIGH[:log] with 0 < LOW < HIGH for "
-                "log, name=int:LOW:HIGH, or name=choice:A,B,C."
-            ) from None
-        base = base or config_lib.ExperimentConfig()
+                f"Cannot parse search-space entry {entry!r} (kind "
+                f"{kind!r}); {_FORMS}.")
         for value in _corners(dimension):
-            base.replace(**{name: value}).validate()
+            try:
+                base.replace(**{name: value}).validate()
+            except ValueError as error:
+                raise ValueError(
+                    f"Search-space entry {entry!r}: {name}={value!r} makes "
+                    f"an invalid config: {error}") from None
         dimensions.append(dimension)
     return dimensions
 
@@ -157,6 +246,48 @@ def _corners(dimension):
         return dimension.values
     cast = int if dimension.kind == "int" else float
     return (cast(dimension.low), cast(dimension.high))
+
+
+def _invalid(base, values):
+    """The validation error of `base` with `values`, or None."""
+    try:
+        base.replace(**values).validate()
+    except ValueError as error:
+        return error
+    return None
+
+
+def check_space(base, dimensions: Sequence[Dimension]):
+    """Refuses a space in which some trial could not run, before trial 1.
+
+    Validates a config for every combination of choice values and bounds
+    (each dimension's corners); a failing combination is reduced to the
+    hyperparameters that cause it.
+
+    Raises:
+      ValueError: naming those hyperparameters, their values and why.
+    """
+    grid = [[(d.name, v) for v in _corners(d)] for d in dimensions]
+    if math.prod(len(g) for g in grid) > _MAX_COMBINATIONS:
+        logging.warning(
+            "The search space has more than %d corner combinations; each "
+            "dimension was checked alone.", _MAX_COMBINATIONS)
+        return
+    for combination in itertools.product(*grid):
+        values = dict(combination)
+        if _invalid(base, values) is None:
+            continue
+        # Drop every hyperparameter the failure does not need.
+        for name in list(values):
+            fewer = {k: v for k, v in values.items() if k != name}
+            if _invalid(base, fewer) is not None:
+                values = fewer
+        shown = " with ".join(f"{k}={v!r}" for k, v in values.items())
+        raise ValueError(
+            f"The search space contains trials that cannot run: {shown} "
+            f"gives: {_invalid(base, values)} Narrow the --tune_space "
+            f"entries of {sorted(values)} so that every combination is "
+            "valid.")
 
 
 def merge_space(base, overrides: Sequence[str]) -> List[Dimension]:
@@ -179,7 +310,9 @@ def merge_space(base, overrides: Sequence[str]) -> List[Dimension]:
     }
     for dimension in parse_space(overrides, base):
         defaults[dimension.name] = dimension
-    return list(defaults.values())
+    space = list(defaults.values())
+    check_space(base, space)
+    return space
 
 
 class LfmHyperModel(kt.HyperModel):

@@ -55,12 +55,10 @@ def define_grid_flags(flag_values=FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    with flags_lib.exit_on_bad_input():
         base = flags_lib.config_from_flags()
         grid = benchmark_grid.parse_grid(
             FLAGS.grid_methods, FLAGS.grid_settings, FLAGS.grid_seeds, base)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
                  len(grid.methods), len(grid.settings), len(grid.seeds),
                  len(grid.cells()))

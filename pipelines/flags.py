@@ -4,10 +4,12 @@ Defaults live once, in `lfm_tf.config`; a flag that is not given leaves the
 dataclass default in place, so `config.json` always shows what really ran.
 """
 
+import contextlib
 import dataclasses
 import typing
 
 from absl import flags
+from absl import logging
 
 from lfm_tf import config as config_lib
 
@@ -36,11 +38,17 @@ def define_flags(flag_values=FLAGS):
         flag_values=flag_values,
     )
     for group, field in _group_fields():
-        kind = _base_type(field.type)
-        default = field.default
-        help_text = f"[{group}] default: {default!r}."
+        help_text = f"[{group}] default: {field.default!r}."
+        choices = config_lib.CHOICES.get(field.name)
+        if choices:
+            # absl refuses other values at parse time, naming the flag and
+            # the choices, and --helpfull lists them.
+            flags.DEFINE_enum(field.name, None, list(choices), help_text,
+                              flag_values=flag_values)
+            continue
         define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                  float: flags.DEFINE_float}.get(kind, flags.DEFINE_string)
+                  float: flags.DEFINE_float}.get(_base_type(field.type),
+                                                 flags.DEFINE_string)
         define(field.name, None, help_text, flag_values=flag_values)
 
 
@@ -96,3 +104,22 @@ def config_from_flags(base=None, values=FLAGS):
     """
     base = base or config_lib.ExperimentConfig()
     return base.replace(**overrides_from_flags(values)).validate()
+
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """Turns a bad-input error into its message and exit status 1.
+
+    Validation and data loading raise ValueError (or OSError for paths) with
+    a message that names the value, what was expected and the fix; a user
+    needs that line, not the stack under it. `--verbosity=1` logs the
+    traceback too.
+
+    Raises:
+      SystemExit: with "error: <message>" (printed to stderr, status 1).
+    """
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        logging.debug("Traceback of the error below:", exc_info=True)
+        raise SystemExit(f"error: {error}") from None

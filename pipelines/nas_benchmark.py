@@ -75,10 +75,8 @@ def protocol_from_flags(values=FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    with flags_lib.exit_on_bad_input():
         base, protocol = protocol_from_flags()
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     logging.info("NAS protocol: %d searches, %d random genotypes, %d seeds.",
                  len(protocol.searches), protocol.num_random,
                  len(protocol.seeds))

@@ -21,11 +21,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    with flags_lib.exit_on_bad_input():
         config = flags_lib.config_from_flags()
         genotype = search_lib.run_search(config, FLAGS.workdir)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     print(f"Genotype: {genotype.to_json()}")
     print("Train it from scratch with:\n  "
           + search_lib.train_command(config, FLAGS.workdir))

@@ -21,11 +21,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    with flags_lib.exit_on_bad_input():
         config = flags_lib.config_from_flags()
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    metrics = train_lib.train_and_evaluate(config, FLAGS.workdir)
+        metrics = train_lib.train_and_evaluate(config, FLAGS.workdir)
     logging.info("metrics: %s", metrics)
     print(f"Artefacts written to {FLAGS.workdir}: config.json, splits.npz, "
           "metrics.json, checkpoints/, logs/, saved_model/")

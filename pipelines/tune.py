@@ -33,11 +33,15 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        base = flags_lib.config_from_flags()
-        space = tuning.merge_space(base, FLAGS.tune_space)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    # Data errors surface while the tuner builds its first model, so the
+    # whole run is inside.
+    with flags_lib.exit_on_bad_input():
+        _tune()
+
+
+def _tune():
+    base = flags_lib.config_from_flags()
+    space = tuning.merge_space(base, FLAGS.tune_space)
     description = "\n".join(d.describe() for d in space)
     if FLAGS.print_space:
         print(description)

@@ -9,6 +9,7 @@ import sys
 
 import tensorflow as tf
 from absl import flags
+from absl.testing import parameterized
 
 from lfm_tf import config as config_lib
 from lfm_tf import tuning
@@ -31,7 +32,32 @@ def _trials(workdir):
                                          "trial.json")))
 
 
-class SpaceTest(tf.test.TestCase):
+# (entry, what the error must say); each is refused before any trial.
+BAD_ENTRIES = [
+    ("nosuch=float:0:1", "names no config field 'nosuch'"),
+    ("w1_learning_rate=float:1:0.1", "Cannot parse"),
+    ("w1_learning_rate=float:0:1:log", "Cannot parse"),
+    ("w1_learning_rate=gauss:0:1", "Cannot parse"),
+    ("similarity=choice:dot,manhattan", "similarity='manhattan'"),
+    ("noise_rate=float:0.1:1.5", "noise_rate=1.5"),
+    # bool("false") is True: only true/false/1/0 are bools.
+    ("use_mistakes=choice:yes,no", "use_mistakes='yes'.*true, false"),
+    ("use_mistakes=choice:true,1", "repeats a value"),
+    ("num_meta_per_class=int:5.5:10", "fractional.*int:5:10"),
+    ("num_meta_per_class=int:5:9.5", "fractional"),
+    ("batch_size=float:32:64", "int field.*batch_size=int:LOW:HIGH"),
+    ("w1_learning_rate=int:1:3", "float field"),
+    ("use_mistakes=int:0:1", "bool field.*choice"),
+    ("num_meta_per_class=choice:5,7.5", "num_meta_per_class='7.5'"),
+    ("encoder=choice:", "encoder='' is not allowed; expected a non-empty"),
+    # An architecture search inside a choice crashed trial 1.
+    ("method=choice:erm,darts", "method='darts'.*training method"),
+    ("method=choice:erm,nosuch", "method='nosuch' is not allowed"),
+    ("seed=choice:0,-1", "seed=-1"),
+]
+
+
+class SpaceTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_parse_and_describe(self):
         space = tuning.parse_space([
@@ -46,18 +72,42 @@ class SpaceTest(tf.test.TestCase):
         self.assertEqual(space[2].values, ("dot", "cosine"))
         self.assertIn("one of ['dot', 'cosine']", space[2].describe())
 
-    def test_bad_entries(self):
+    @parameterized.parameters(*BAD_ENTRIES)
+    def test_bad_entry(self, entry, message):
         noisy = config_lib.ExperimentConfig().replace(noise_type="uniform")
-        for entry, message in [
-            ("nosuch=float:0:1", "names no config field 'nosuch'"),
-            ("w1_learning_rate=float:1:0.1", "Cannot parse"),
-            ("w1_learning_rate=float:0:1:log", "Cannot parse"),
-            ("w1_learning_rate=gauss:0:1", "Cannot parse"),
-            ("similarity=choice:dot,manhattan", "similarity='manhattan'"),
-            ("noise_rate=float:0.1:1.5", "noise_rate=1.5"),
-        ]:
-            with self.assertRaisesRegex(ValueError, message):
-                tuning.parse_space([entry], noisy)
+        with self.assertRaisesRegex(ValueError, message):
+            tuning.parse_space([entry], noisy)
+
+
+    def test_bool_and_int_values_keep_their_meaning(self):
+        space = tuning.parse_space([
+            "use_mistakes=choice:false,True",
+            "use_label_mask=choice:0,1",
+            "num_meta_per_class=int:5:10",
+        ])
+        for dimension in space[:2]:
+            self.assertEqual(dimension.values, (False, True))
+            self.assertEqual([type(v) for v in dimension.values], [bool] * 2)
+        self.assertEqual((space[2].low, space[2].high), (5, 10))
+        self.assertIn("int in [5, 10]", space[2].describe())
+
+    def test_combinations_are_checked_before_the_first_trial(self):
+        # Each entry is valid alone; DBL needs batches its splits divide.
+        base = config_lib.ExperimentConfig().replace(method="erm")
+        with self.assertRaisesRegex(
+                ValueError, "method='dbl' with batch_size=62 gives: "
+                "Received batch_size=62 with dbl_splits=4"):
+            tuning.merge_space(base, ["method=choice:erm,dbl",
+                                      "batch_size=int:62:64"])
+        # The failing combination is reduced to the entries that cause it.
+        noisy = base.replace(noise_type="uniform")
+        with self.assertRaisesRegex(
+                ValueError, r"of \['noise_rate', 'noise_type'\]"):
+            tuning.merge_space(noisy, ["noise_type=choice:uniform,none",
+                                      "noise_rate=float:0.1:0.3",
+                                      "similarity=choice:dot,l2"])
+        self.assertLen(tuning.merge_space(
+            base, ["method=choice:erm,dbl", "batch_size=int:64:68"]), 4)
 
     def test_defaults_parse_for_every_method(self):
         for method in config_lib.METHODS:
@@ -113,11 +163,16 @@ class TuneCommandTest(tf.test.TestCase):
         self.assertTrue(os.path.exists(os.path.join(run_dir, "metrics.json")))
 
     def test_invalid_space_is_a_clear_error(self):
+        # Refused before the first trial: a message, no traceback, no trial.
+        workdir = self.get_temp_dir()
         result = _run("pipelines.tune", *TINY,
-                      "--tune_space=w1_learning_rate=float:1:0",
-                      f"--workdir={self.get_temp_dir()}")
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("Cannot parse search-space entry", result.stderr)
+                      "--tune_space=method=choice:lfm,darts",
+                      f"--workdir={workdir}")
+        self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+        self.assertIn("error: Search-space entry 'method=choice:lfm,darts': "
+                      "method='darts' is not allowed", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEmpty(_trials(workdir))
 
     def test_print_space(self):
         result = _run("pipelines.tune", *TINY, "--print_space",

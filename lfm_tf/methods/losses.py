@@ -127,9 +127,11 @@ def ldam_loss(labels, logits, margins, scale):
 
     The true class's logit is lowered by its class margin before the
     softmax. The paper's z are cosines (normalised features and head
-    weights) and s = 30 restores a usable logit range; our heads are plain
-    dense layers whose logits carry their own scale, so the scale is a flag
-    (README, `--ldam_scale`).
+    weights) and s = 30 restores a usable logit range. Our heads are plain
+    dense layers, so here s multiplies unnormalised logits (a sharper
+    softmax and an s-times larger head gradient); `--ldam_scale` keeps the
+    paper's 30, which did far better than 1 on the digits long tail
+    (README, "The loss axis").
 
     Args:
       labels: int [B].
@@ -189,7 +191,7 @@ class TrainingLoss:
     """
 
     def __init__(self, loss="ce", class_counts=None, *, focal_gamma=2.0,
-                 logit_adjust_tau=1.0, ldam_max_margin=0.5, ldam_scale=1.0,
+                 logit_adjust_tau=1.0, ldam_max_margin=0.5, ldam_scale=30.0,
                  gce_q=0.7, drw_start_step=None, drw_beta=0.9999):
         self.loss = loss
         self.class_counts = class_counts

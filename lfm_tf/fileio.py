@@ -12,8 +12,39 @@ def write_text(path, text):
     try:
         with os.fdopen(handle, "w") as f:
             f.write(text)
+        os.chmod(tmp, READABLE_FILE)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# Exports are read by TF Serving, often another user in a container.
+READABLE_DIR = 0o755
+READABLE_FILE = 0o644
+
+
+def make_readable(root):
+    """chmods `root` and everything under it to 0755 (dirs) / 0644 (files).
+
+    Explicit modes, not the umask's: `tempfile.mkdtemp` makes 0700.
+    """
+    os.chmod(root, READABLE_DIR)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            os.chmod(os.path.join(directory, name), READABLE_DIR)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), READABLE_FILE)
+
+
+def make_readable_dirs(path):
+    """`os.makedirs(path)`; the directories it creates get 0755."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, READABLE_DIR)

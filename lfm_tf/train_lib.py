@@ -42,6 +42,7 @@ from lfm_tf.data import splits as splits_lib
 from lfm_tf.methods import factory
 from lfm_tf.methods import lrw
 from lfm_tf.models import backbones
+from lfm_tf.models import ensemble
 
 
 def prepare_data(config, arrays: Optional[sources.SourceData] = None):
@@ -316,6 +317,12 @@ def _final_metrics(model, data, history, workdir=None):
         "num_meta": int(data["facts"].num_meta),
         "num_test": int(len(labels)),
         "train_noise_rate": float(np.mean(data["splits"].is_corrupted)),
+        # The method's own training metrics (LFM-DR's diagnostics among
+        # them), one value per epoch, as TensorBoard shows them.
+        "train_metrics_per_epoch": {
+            name: history.history[name]
+            for name in getattr(model, "METRIC_NAMES", ())
+            if name in history.history},
     }
     metrics.update(callbacks_lib.final_weight_summary(model, data["splits"]))
     if workdir is not None:
@@ -364,10 +371,7 @@ def _write_classifier(model, config, data, workdir):
         "class_names": list(data["source"].class_names),
         "input_shape": list(facts.input_shape),
         "preprocessing": data["preprocessing"].to_dict(),
-        "architecture": {
-            "kind": "backbone",
-            "model": _exportable_model_config(config.model),
-        },
+        "architecture": _exported_architecture(config),
     }
     fileio.write_text(
         os.path.join(workdir, "export_info.json"),
@@ -384,6 +388,17 @@ def _write_classifier(model, config, data, workdir):
     )
 
 
+def _exported_architecture(config):
+    """export_info.json's architecture: one backbone, or an ensemble of
+    two (W1 and W2) under `evaluate_learner=ensemble`."""
+    architecture = {"kind": "backbone",
+                    "model": _exportable_model_config(config.model)}
+    if _is_ensemble(config):
+        architecture.update(kind="ensemble", members=2)
+    return architecture
+def _is_ensemble(config):
+    return (config.method.method == "lfm"
+            and config.method.evaluate_learner == "ensemble")
 def _exportable_model_config(model_config):
     """The model config with a searched cell inlined as JSON text, so the
     export needs no genotype file from the search's machine."""
@@ -398,17 +413,26 @@ def evaluated_classifier(model, config, facts):
 
     W1 is already one. For `evaluate_learner=w2` W2's trunk and head (which
     may be W1's trunk under PS) are copied into a fresh `Classifier` of the
-    same architecture, so export never sees W1, V, r or B.
+    same architecture, so export never sees W1, V, r or B. For `ensemble`,
+    copies of W1 and W2 form one `LogitEnsemble` (mean of their logits).
     """
     if config.method.method != "lfm" or config.method.evaluate_learner == "w1":
         return model.classifier
+    w2 = _learner_copy(config, facts, model.w2_trunk, model.w2_head,
+                       "w2_export")
+    if not _is_ensemble(config):
+        return w2
+    w1 = _learner_copy(config, facts, model.classifier.trunk,
+                       model.classifier.head, "w1_export")
+    return ensemble.LogitEnsemble([w1, w2], name="ensemble_export")
+def _learner_copy(config, facts, trunk, head, name):
+    """A fresh `Classifier` holding a copy of (trunk, head)'s weights."""
     classifier = backbones.build_backbone(
-        config.model, facts.num_classes, tuple(facts.input_shape),
-        name="w2_export",
+        config.model, facts.num_classes, tuple(facts.input_shape), name=name,
     )
     for target, source in zip(
         classifier.trunk.weights + classifier.head.weights,
-        model.w2_trunk.weights + model.w2_head.weights,
+        trunk.weights + head.weights,
     ):
         target.assign(source)
     return classifier

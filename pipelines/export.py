@@ -1,7 +1,8 @@
 """Exports a trained classifier into TF Serving's model layout.
 
     python -m pipelines.export --workdir=runs/digits_lfm \
-        --export_dir=models [--version=N] [--overwrite] [--model_name=lfm]
+        --export_dir=models [--version=N] [--overwrite] [--model_name=lfm] \
+        [--max_image_bytes=20971520] [--max_image_pixels=16777216]
 
 Writes `<export_dir>/<model_name>/<version>/`, a SavedModel with the
 training preprocessing inside (serving/README.md has the signatures and the
@@ -31,6 +32,15 @@ _OVERWRITE = flags.DEFINE_bool(
 _MODEL_NAME = flags.DEFINE_string(
     "model_name", None, "Model name; default: the run's export_info.json "
     "model_name (the training method).")
+_MAX_IMAGE_BYTES = flags.DEFINE_integer(
+    "max_image_bytes", None,
+    "Largest encoded image serving_bytes accepts (larger: INVALID_ARGUMENT);"
+    f" default {export.DEFAULT_MAX_IMAGE_BYTES} (20 MiB).")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels", None,
+    "Most height x width per image either signature accepts, read from the "
+    "file's header before decoding (more: INVALID_ARGUMENT); default "
+    f"{export.DEFAULT_MAX_IMAGE_PIXELS} (4096 x 4096).")
 
 
 def main(argv):
@@ -39,7 +49,9 @@ def main(argv):
     try:
         path = export.export_for_serving(
             _WORKDIR.value, _EXPORT_DIR.value, version=_VERSION.value,
-            overwrite=_OVERWRITE.value, model_name=_MODEL_NAME.value)
+            overwrite=_OVERWRITE.value, model_name=_MODEL_NAME.value,
+            max_image_bytes=_MAX_IMAGE_BYTES.value,
+            max_image_pixels=_MAX_IMAGE_PIXELS.value)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"SavedModel written to {path}")

@@ -5,17 +5,22 @@ with TensorFlow's tools: `saved_model_cli show/run`, `tf.saved_model.load`
 in a fresh process, and TF Serving's own warm-up record format.
 """
 
+import io
 import json
 import os
 import re
+import resource
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from lfm_tf import config as config_lib
 from lfm_tf import export
@@ -50,6 +55,43 @@ def _png(image):
     return tf.io.encode_png(image).numpy()
 
 
+def _encoded(image_format, width, height, frames=1, mode="RGB",
+             **options):
+    """An encoded width x height image (PIL), `frames` frames if animated."""
+    images = [Image.new(mode, (width, height), (40 * i, 0, 0))
+              for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, image_format, save_all=frames > 1,
+                   append_images=images[1:], **options)
+    return buffer.getvalue()
+
+
+def _zeros_png(width, height, rows_per_block=100):
+    """A valid grayscale PNG of zeros, e.g. 20000 x 20000 in 0.4 MB.
+
+    Built in 0.1 s without compressing 400 MB: after a full flush a deflate
+    compressor starts afresh, so every further block of zero rows
+    compresses to the same bytes; the Adler-32 of n zero bytes is
+    (n mod 65521) << 16 | 1.
+    """
+    assert height % rows_per_block == 0
+    rows = b"\0" * ((width + 1) * rows_per_block)  # filter byte + pixels
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = compressor.compress(rows) + compressor.flush(zlib.Z_FULL_FLUSH)
+    again = compressor.compress(rows) + compressor.flush(zlib.Z_FULL_FLUSH)
+    adler = (((width + 1) * height % 65521) << 16) | 1
+    stream = (b"\x78\xda" + first + again * (height // rows_per_block - 1)
+              + compressor.flush(zlib.Z_FINISH) + struct.pack(">I", adler))
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", stream) + chunk(b"IEND", b""))
+
+
 def _run(args, **kwargs):
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO,
                           check=False, **kwargs)
@@ -73,6 +115,11 @@ def _tensor_info(block, kind, name):
     return match.group(1), match.group(2).strip()
 
 
+# The limits of WriteSavedModelTest's export: small, so tests are cheap.
+MAX_PIXELS = 32 * 32
+MAX_BYTES = 8192
+
+
 class WriteSavedModelTest(tf.test.TestCase):
     """One tiny classifier, exported once; every test reads it."""
 
@@ -81,11 +128,19 @@ class WriteSavedModelTest(tf.test.TestCase):
         super().setUpClass()
         cls.classifier = _classifier()
         cls.root = tempfile.mkdtemp()
+        os.chmod(cls.root, 0o755)  # the test's own directory, for `nobody`
         cls.path = os.path.join(cls.root, "model")
         cls.warmup = _images(2, seed=9)
-        export.write_saved_model(
-            cls.classifier, cls.path, class_names=NAMES, preprocessing=PREP,
-            input_shape=(SIDE, SIDE, 3), warmup_images=cls.warmup, top_k=2)
+        # A private umask: the export's modes must not come from it.
+        umask = os.umask(0o077)
+        try:
+            export.write_saved_model(
+                cls.classifier, cls.path, class_names=NAMES,
+                preprocessing=PREP, input_shape=(SIDE, SIDE, 3),
+                warmup_images=cls.warmup, top_k=2,
+                max_image_pixels=MAX_PIXELS, max_image_bytes=MAX_BYTES)
+        finally:
+            os.umask(umask)
         cls.loaded = tf.saved_model.load(cls.path)
         cls.serve = cls.loaded.signatures["serving_default"]
         cls.serve_bytes = cls.loaded.signatures["serving_bytes"]
@@ -251,6 +306,88 @@ class WriteSavedModelTest(tf.test.TestCase):
                                     "Unknown image file format"):
             self.serve_bytes(image_bytes=tf.constant([b"not an image"]))
 
+    def test_encoded_images_beyond_the_limits_are_refused(self):
+        # At the limit: accepted, in every format decode_image reads.
+        fits = [_encoded(f, 32, 32) for f in ("PNG", "JPEG", "GIF", "BMP",
+                                              "WEBP")]
+        fits.append(_encoded("GIF", 16, 32, frames=2))  # 2 x 512 pixels
+        out = self.serve_bytes(image_bytes=tf.constant(fits))
+        self.assertEqual(out["probabilities"].shape, (len(fits), 3))
+        # One past it, read from the header: named with the sizes seen.
+        cases = [
+            (_encoded("PNG", 33, 32), "a PNG of height 32 x width 33 (x 1 "
+                                      "frames) = 1056 pixels"),
+            (_encoded("JPEG", 32, 33), 'a JPEG of height 33 x width 32'),
+            (_encoded("BMP", 40, 30), 'a BMP of height 30 x width 40'),
+            # WebP's three layouts: lossy (VP8), lossless (VP8L), extended
+            # (VP8X, here for the alpha channel).
+            (_encoded("WEBP", 64, 64), 'a WebP of height 64 x width 64'),
+            (_encoded("WEBP", 64, 20, lossless=True),
+             'a WebP of height 20 x width 64'),
+            (_encoded("WEBP", 40, 30, mode="RGBA"),
+             'a WebP of height 30 x width 40'),
+            (_encoded("GIF", 33, 32), 'a GIF of height 32 x width 33 (x 1'),
+            (_encoded("GIF", 16, 32, frames=3), "(x 3 frames) = 1536"),
+            (b"\0" * (MAX_BYTES + 1), f"has {MAX_BYTES + 1} bytes"),
+        ]
+        for encoded, detail in cases:
+            with self.assertRaises(tf.errors.InvalidArgumentError) as caught:
+                self.serve_bytes(image_bytes=tf.constant([fits[0], encoded]))
+            message = str(caught.exception)
+            self.assertIn("image_bytes[1] ", message)
+            self.assertIn(detail, message)
+            limit = (f"{export.TOO_MANY_BYTES_MESSAGE} max_image_bytes="
+                     f"{MAX_BYTES}" if "bytes" in detail else
+                     f"{export.TOO_MANY_PIXELS_MESSAGE} max_image_pixels="
+                     f"{MAX_PIXELS}")
+            self.assertIn(limit, message)
+
+    def test_pixel_arrays_beyond_the_limit_are_refused(self):
+        self.assertEqual(self.serve(images=tf.zeros(
+            [1, 32, 32, 3], tf.uint8))["probabilities"].shape, (1, 3))
+        with self.assertRaises(tf.errors.InvalidArgumentError) as caught:
+            self.serve(images=tf.zeros([2, 33, 32, 1], tf.uint8))
+        self.assertIn(f"{export.TOO_MANY_PIXELS_MESSAGE} max_image_pixels="
+                      f"{MAX_PIXELS}", str(caught.exception))
+        self.assertIn("Received shape:] [2 33 32 1]", str(caught.exception))
+
+    def test_empty_batches_give_empty_outputs(self):
+        for outputs in (
+                self.serve(images=tf.zeros([0, SIDE, SIDE, 3], tf.uint8)),
+                self.serve(images=tf.zeros([0, 5, 7, 1], tf.uint8)),
+                self.serve_bytes(image_bytes=tf.constant([], tf.string))):
+            self.assertEqual(
+                {k: tuple(v.shape) for k, v in outputs.items()},
+                {"probabilities": (0, 3), "top_k_ids": (0, 2),
+                 "top_k_scores": (0, 2), "class_names": (0, 2)})
+
+    def test_readable_by_other_users(self):
+        # Written under umask 077 (setUpClass), yet 0755 / 0644.
+        files = []
+        for directory, _, names in os.walk(self.path):
+            self.assertEqual(oct(os.stat(directory).st_mode & 0o777),
+                             oct(0o755), directory)
+            for name in names:
+                files.append(os.path.join(directory, name))
+                self.assertEqual(oct(os.stat(files[-1]).st_mode & 0o777),
+                                 oct(0o644), files[-1])
+        self.assertGreaterEqual(len(files), 5)
+        if os.geteuid() != 0:
+            self.skipTest("reading as another uid needs root (setuid)")
+        nobody = 65534  # as a TF Serving container's non-root user
+
+        def become_nobody():
+            os.setgroups([])
+            os.setgid(nobody)
+            os.setuid(nobody)
+
+        result = subprocess.run(
+            ["cat", *files], preexec_fn=become_nobody, check=False,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        self.assertEqual(len(result.stdout),
+                         sum(os.path.getsize(f) for f in files))
+
     def test_warmup_records_are_valid_prediction_logs(self):
         # pylint: disable=g-import-not-at-top
         from tensorflow_serving.apis import prediction_log_pb2
@@ -286,6 +423,8 @@ class WriteSavedModelTest(tf.test.TestCase):
         self.assertEqual(metadata["input_shape"], [SIDE, SIDE, 3])
         self.assertEqual(metadata["top_k"], 2)
         self.assertEqual(metadata["preprocessing"], PREP.to_dict())
+        self.assertEqual(metadata["limits"], {"max_image_bytes": MAX_BYTES,
+                                              "max_image_pixels": MAX_PIXELS})
 
     def test_only_the_classifier_variables_are_exported(self):
         exported = sum(int(np.prod(v.shape)) for v in self.loaded.variables)
@@ -400,6 +539,19 @@ class ExportForServingTest(tf.test.TestCase):
             loaded.signatures["serving_default"](
                 images=tf.constant(images))["probabilities"],
             _keras_probabilities(self.classifier, images), atol=1e-6)
+        # The default limits refuse a decompression bomb from its header:
+        # 0.4 MB that decodes to 1.2 GB of RGB, and nothing is allocated.
+        bomb = _zeros_png(20000, 20000)
+        self.assertLess(len(bomb), 400_000)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+        with self.assertRaisesRegex(
+                tf.errors.InvalidArgumentError,
+                r"image_bytes\[0\] is a PNG of height 20000 x width 20000 "
+                r"\(x 1 frames\) = 400000000 pixels: .* max_image_pixels="
+                f"{export.DEFAULT_MAX_IMAGE_PIXELS}"):
+            loaded.signatures["serving_bytes"](image_bytes=tf.constant([bomb]))
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+        self.assertLess(grown, 100 * 1024)
         # Warm-up carried over from the run's SavedModel (real examples).
         self.assertAllEqual(export.read_warmup_images(first),
                             _images(3, seed=11))
@@ -408,6 +560,9 @@ class ExportForServingTest(tf.test.TestCase):
         self.assertEqual((metadata["model_name"], metadata["version"]),
                          ("digits_lfm", 1))
         self.assertEqual(metadata["architecture"]["model"], MODEL)
+        self.assertEqual(metadata["limits"], {
+            "max_image_bytes": export.DEFAULT_MAX_IMAGE_BYTES,
+            "max_image_pixels": export.DEFAULT_MAX_IMAGE_PIXELS})
 
     def test_model_name_override(self):
         serving_root = self.get_temp_dir()
@@ -468,11 +623,18 @@ class ExportForServingTest(tf.test.TestCase):
         self.assertEqual(os.listdir(target), ["theirs"])
         self.assertEqual(os.listdir(os.path.dirname(target)), ["1"])
 
-    def test_bad_versions(self):
+    def test_bad_versions_and_limits(self):
         for version in (0, -3, 1.5, "2", True):
             with self.assertRaisesRegex(ValueError, "positive integer"):
                 export.export_for_serving(self.workdir, self.get_temp_dir(),
                                           version=version)
+        for name in ("max_image_bytes", "max_image_pixels"):
+            for value in (0, -1, 2.5, "100"):
+                with self.assertRaisesRegex(
+                        ValueError, f"Received {name}={value!r}; expected a "
+                        "positive integer"):
+                    export.export_for_serving(
+                        self.workdir, self.get_temp_dir(), **{name: value})
 
     def test_missing_files_name_the_file_and_the_command(self):
         empty = self.get_temp_dir()
@@ -529,6 +691,36 @@ class ExportForServingTest(tf.test.TestCase):
         self.assertAllClose(_keras_probabilities(classifier, images),
                             _keras_probabilities(trained, images))
 
+    def test_ensemble_is_rebuilt_and_served_as_one_model(self):
+        # pylint: disable=g-import-not-at-top
+        from lfm_tf.models import ensemble
+
+        members = [_classifier(seed=3), _classifier(seed=4)]
+        trained = ensemble.LogitEnsemble(members, name="ensemble_export")
+        workdir = os.path.join(self.get_temp_dir(), "ensemble")
+        os.makedirs(workdir)
+        trained.save_weights(os.path.join(workdir, "classifier.weights.h5"))
+        with open(os.path.join(workdir, "export_info.json"), "w") as f:
+            json.dump({"model_name": "lfm", "class_names": NAMES,
+                       "input_shape": [SIDE, SIDE, 3],
+                       "preprocessing": PREP.to_dict(),
+                       "architecture": {"kind": "ensemble", "members": 2,
+                                        "model": MODEL}}, f)
+        classifier, _ = export.load_classifier(workdir)
+        images = _images(3)
+        expected = tf.nn.softmax(sum(
+            m(pipeline.preprocess(images, PREP), training=False)
+            for m in members) / 2).numpy()
+        self.assertAllClose(_keras_probabilities(classifier, images),
+                            expected, atol=1e-6)
+        path = os.path.join(workdir, "saved_model")
+        export.write_saved_model(classifier, path, class_names=NAMES,
+                                 preprocessing=PREP,
+                                 input_shape=(SIDE, SIDE, 3))
+        served = tf.saved_model.load(path).signatures["serving_default"](
+            images=tf.constant(images))
+        self.assertAllClose(served["probabilities"], expected, atol=1e-5)
+
     def test_unknown_architecture_kind(self):
         workdir = os.path.join(self.get_temp_dir(), "odd")
         os.makedirs(workdir)
@@ -551,11 +743,16 @@ class CommandLineTest(tf.test.TestCase):
         served = os.path.join(root, "served")
         command = [sys.executable, "-m", "pipelines.export",
                    f"--workdir={workdir}", f"--export_dir={served}",
-                   "--version=3", "--model_name=lfm"]
+                   "--version=3", "--model_name=lfm",
+                   "--max_image_pixels=4096", "--max_image_bytes=100000"]
         result = _run(command)
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         path = os.path.join(served, "lfm", "3")
         self.assertIn(path, result.stdout)
+        with open(os.path.join(path, export.METADATA_FILE)) as f:
+            self.assertEqual(json.load(f)["limits"],
+                             {"max_image_bytes": 100000,
+                              "max_image_pixels": 4096})
         images = _images(2, seed=3)
         self.assertAllClose(
             tf.saved_model.load(path).signatures["serving_default"](

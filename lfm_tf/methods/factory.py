@@ -233,6 +233,7 @@ def _build_lfm(config, facts):
         num_weighting=num_weighting,
         config=method,
         optimizer_config=config.optimizer,
+        class_counts=facts.class_counts,
     )
 
 

@@ -7,6 +7,11 @@ Per step, with a training batch (x, y, idx) and a clean meta batch:
              label, a = sigmoid((x*z*u) r); W2' = W2 - eta2 * grad mean(a * l(W2))
 3. validate: B, V, r descend L_val(W2'), through both unrolled steps.
 
+`--lfm_objective` varies the weight path and stage 3 (README, "LFM
+objectives"): `shared` weights W2's step by b_i a_i / mean(b a) instead of
+a_i; `both` descends L_val(W1') + L_val(W2'). `--mistake_weighting=none`
+sets a = 1. Every step also logs the diagnostics of `diagnose`.
+
 W1' and W2' are then assigned as the real updates (same formula, computed
 once). Unlike the authors' code (lfm_reference §2.6) B is one weight per
 training example, r one per meta example, B's gradient really flows through
@@ -22,6 +27,8 @@ from lfm_tf import distribute
 from lfm_tf.methods import base
 from lfm_tf.methods import learners
 from lfm_tf.optimization import hypergradients
+from lfm_tf.optimization import unroll
+from lfm_tf.reweighting import diagnostics
 from lfm_tf.reweighting import example_weights
 from lfm_tf.reweighting import mistake_weighting
 
@@ -61,15 +68,25 @@ class LFM(base.MethodModel):
         "loss", "w1_loss", "w2_loss", "val_loss",
         "a_mean", "a_min", "a_max", "b_mean", "b_min", "b_max",
         "a_clean", "a_corrupted", "b_clean", "b_corrupted",
+        # Diagnostics of the meta level (README, "LFM diagnostics").
+        "b_grad_norm", "b_alignment", "a_head", "a_tail", "b_head", "b_tail",
     )
 
     def __init__(
         self, classifier, sgd, num_classes, *, w2_trunk, w2_head, w2_sgd,
         encoder, num_train, num_weighting, config, optimizer_config,
-        **kwargs,
+        class_counts=None, **kwargs,
     ):
         super().__init__(classifier, sgd, num_classes, **kwargs)
         self.config = config
+        # Computed every `diagnostics_every` steps; holds its last value.
+        self._trackers["b_alignment"] = diagnostics.LatestValue(
+            name="b_alignment")
+        # Tail classes (count below the median) for the head/tail weights;
+        # without counts every class is head.
+        self.tail_classes = tf.constant(
+            diagnostics.tail_class_mask(class_counts)
+            if class_counts is not None else [False] * self.num_classes)
         self.w2_trunk = w2_trunk
         self.w2_head = w2_head
         self.w2_sgd = w2_sgd
@@ -113,15 +130,22 @@ class LFM(base.MethodModel):
             self.encoder_optimizer.build(encoder.trainable_variables)
 
     def call(self, images, training=False):
-        if self.config.evaluate_learner == "w2":
-            return self.w2_head(self.w2_trunk(images, training=training))
-        return self.classifier(images, training=training)
+        """Logits of the deployed learner: W1, W2 or their mean."""
+        learner = self.config.evaluate_learner
+        if learner == "w1":
+            return self.classifier(images, training=training)
+        w2_logits = self.w2_head(self.w2_trunk(images, training=training))
+        if learner == "w2":
+            return w2_logits
+        return (self.classifier(images, training=training) + w2_logits) / 2
 
     def train_step(self, data):
         # The whole meta batch on every replica: softmax over validation
         # examples, u and r as on one device.
         train, meta = data["train"], distribute.gather_batch(data["meta"])
         w1_step, a, w2_step, val_loss, grads = self.hypergradients(train, meta)
+        # Before any update: the alignment is taken at this step's W1 and B.
+        self.diagnose(train, meta, grads)
         # Under loss scaling a step with any non-finite value changes no
         # weight, momentum or optimizer slot (B, r and V are undone).
         finite = self.loss_scale.finite(
@@ -177,11 +201,24 @@ class LFM(base.MethodModel):
         return tuple(stages) + (grads,)
 
     def run_stages(self, train, meta):
-        """(W1 step, a, W2 step, L_val) of stages 1-3, all differentiable."""
+        """(W1 step, a, W2 step, objective) of stages 1-3, differentiable.
+
+        The objective is `--lfm_objective`'s: L_val(W2') (`paper`,
+        `shared`) or L_val(W1') + L_val(W2') (`both`).
+        """
         w1_step = self.learn(train)
-        a = self.weigh_mistakes(train, meta, w1_step.params)
-        w2_step = self.relearn(train, a, w1_step.params)
-        return w1_step, a, w2_step, self.validate(meta, w2_step.params)
+        w1_meta = None
+        if (self.config.mistake_weighting == "learned"
+                or self.config.lfm_objective == "both"):
+            # u, shared by a and by `both`'s L_val(W1'): one forward pass.
+            w1_meta = self.w1.losses(w1_step.params, meta["image"],
+                                     meta["label"])
+        a = self.weigh_mistakes(train, meta, w1_step.params, w1_meta)
+        w2_step = self.relearn(train, self.relearn_weights(train, a),
+                               w1_step.params)
+        return w1_step, a, w2_step, self.validate(
+            meta, w2_step.params,
+            None if w1_meta is None else w1_meta[0])
 
     # Stage 1.
     def learn(self, train) -> Step:
@@ -192,11 +229,23 @@ class LFM(base.MethodModel):
         )
 
     # Stage 2.
-    def weigh_mistakes(self, train, meta, w1_params):
-        """a (float [B]) from W1''s mistakes on the meta batch."""
-        w1_val_losses, meta_out = self.w1.losses(
-            w1_params, meta["image"], meta["label"]
-        )
+    def weigh_mistakes(self, train, meta, w1_params, w1_meta=None):
+        """a (float [B]) from W1''s mistakes on the meta batch.
+
+        Args:
+          train, meta: the batches.
+          w1_params: W1'.
+          w1_meta: optional (u float [M], Forward) of W1' on the meta
+            batch, if already computed.
+
+        Returns:
+          float [B]; ones under `--mistake_weighting=none` (a = 1).
+        """
+        if self.config.mistake_weighting == "none":
+            return tf.ones(tf.shape(train["label"]), w1_params[-1].dtype)
+        if w1_meta is None:
+            w1_meta = self.w1.losses(w1_params, meta["image"], meta["label"])
+        w1_val_losses, meta_out = w1_meta
         if self.encoder is None:
             train_embed = self.w1.forward(w1_params, train["image"]).features
             val_embed = meta_out.features
@@ -232,6 +281,15 @@ class LFM(base.MethodModel):
             a, self.config.weight_normalization
         )
 
+    def relearn_weights(self, train, a):
+        """W2's per-example weights: a (`paper`, `both`), or under `shared`
+        b_i a_i / mean_k(b_k a_k) over the (global) batch, so B shapes W2's
+        step by ranking examples, not by scaling its learning rate."""
+        if self.config.lfm_objective != "shared":
+            return a
+        b = tf.cast(self.example_weight_table.gather(train["index"]), a.dtype)
+        return mistake_weighting.normalize_weights(b * a, "batch_mean")
+
     def relearn(self, train, a, w1_params) -> Step:
         """W2' from the a-weighted training loss (paper stage 2)."""
         return self._unrolled_step(
@@ -247,10 +305,27 @@ class LFM(base.MethodModel):
         ]
 
     # Stage 3.
-    def validate(self, meta, w2_params):
-        """L_val(W2'), the objective of B, V and r."""
+    def validate(self, meta, w2_params, w1_val_losses=None):
+        """Stage 3's objective of B, V and r: L_val(W2'), plus L_val(W1')
+        = mean(u) under `--lfm_objective=both`.
+
+        Args:
+          meta: the meta batch.
+          w2_params: W2'.
+          w1_val_losses: u, float [M], W1''s per-example meta losses
+            (needed under `both`).
+        """
         losses, _ = self.w2.losses(w2_params, meta["image"], meta["label"])
-        return tf.reduce_mean(losses)
+        objective = tf.reduce_mean(losses)
+        if self.config.lfm_objective == "both":
+            if w1_val_losses is None:
+                raise ValueError(
+                    "Received lfm_objective='both' without W1''s meta "
+                    "losses u; expected them from `run_stages`. Set "
+                    "--hypergradient=exact.")
+            objective += tf.reduce_mean(
+                tf.cast(w1_val_losses, objective.dtype))
+        return objective
 
     def state_variables(self):
         """BatchNorm statistics of W1, W2 and V."""
@@ -393,8 +468,57 @@ class LFM(base.MethodModel):
         self.w2_sgd.assign(self.w2.variables, w2_step.params, w2_step.momenta)
         self.w2.assign_states(w2_step.states)
 
+    def diagnose(self, train, meta, grads):
+        """Tracks |dL/dB| every step and, every `diagnostics_every` steps,
+        `b_alignment` = cos(dL/dB, grad_B L_val(W1')).
+
+        B descends dL/dB, so a positive alignment means B's step also
+        lowers W1''s own validation loss; a negative one, that it raises it.
+        Traced once: the extra pass runs inside a `tf.cond`, only on due
+        steps.
+        """
+        b_grad = grads[0]
+        self._trackers["b_grad_norm"].update_state(tf.norm(b_grad))
+        every = self.config.diagnostics_every
+        if not every:
+            return
+
+        def alignment():
+            cosine = diagnostics.cosine_similarity(
+                b_grad, self.w1_validation_gradient(train, meta))
+            return tf.cast(cosine, tf.float32), tf.constant(1.0)
+
+        def skipped():
+            return tf.constant(0.0), tf.constant(0.0)
+
+        due = tf.equal(self.step_counter % every, 0)
+        value, weight = tf.cond(due, alignment, skipped)
+        self._trackers["b_alignment"].update_state(value, weight)
+
+    def w1_validation_gradient(self, train, meta):
+        """grad_B L_val(W1'), dense like B: stage 1 and W1' on the meta
+        batch, differentiated once (no side effects)."""
+        with tf.GradientTape() as tape:
+            w1_step = self.learn(train)
+            losses, _ = self.w1.losses(w1_step.params, meta["image"],
+                                       meta["label"])
+            loss = tf.reduce_mean(losses)
+        grad = self.loss_scale.gradient(
+            tape, loss, [self.example_weight_table.values])[0]
+        values = self.example_weight_table.values
+        if grad is None:
+            return tf.zeros_like(values)
+        return tf.convert_to_tensor(
+            distribute.scale_gradients([grad])[0])
+
     def report(self, train, a, w1_step, w2_step, val_loss):
         b = self.example_weight_table.gather(train["index"])
+        tail = diagnostics.class_membership(train["label"],
+                                            self.tail_classes, a.dtype)
+        self._trackers["a_head"].update_state(a, sample_weight=1.0 - tail)
+        self._trackers["a_tail"].update_state(a, sample_weight=tail)
+        self._trackers["b_head"].update_state(b, sample_weight=1.0 - tail)
+        self._trackers["b_tail"].update_state(b, sample_weight=tail)
         corrupted = tf.cast(
             tf.not_equal(train["label"], train["clean_label"]), a.dtype
         )

@@ -7,6 +7,7 @@ trunk with two heads under PS). Per step:
 2. relearn:  a from W1''s mistakes on the validation batch (u), V (x) and
              labels (z); W2' = W2 - eta2 grad_W2 mean(a * l(W2, α))
 3. validate: α, V and r descend L_val(W2', α), through both unrolled steps.
+   Under `--lfm_objective=both` they descend L_val(W1', α) + L_val(W2', α).
 
 Unlike the authors' code (lfm_reference §2.4) α's gradient is exact: it
 includes α's path through W1' into u (their detached copy drops it) and no
@@ -47,6 +48,17 @@ class LFMDarts(lfm.LFM):
                 "lfm_darts; expected `exact` (α's gradient through both "
                 "unrolled steps). Set --hypergradient=exact."
             )
+        if self.config.lfm_objective == "shared":
+            raise ValueError(
+                "Received lfm_objective='shared' for lfm_darts; expected "
+                "`paper` or `both`: here B is the architecture α, which has "
+                "no per-example weights to share with W2's step. Set "
+                "--lfm_objective=both.")
+        if self.config.evaluate_learner == "ensemble":
+            raise ValueError(
+                "Received evaluate_learner='ensemble' for lfm_darts; "
+                "expected `w1` or `w2` (a search derives one genotype, "
+                "retrained alone). Set --evaluate_learner=w1.")
         self.architecture = architecture
         self.arch_step = darts.ArchitectureStep(architecture, search_config)
         self.w1 = learners.Learner(self.classifier.trunk,
@@ -75,6 +87,10 @@ class LFMDarts(lfm.LFM):
         self.w1.assign_states(step.states)
         return self.finish_step(train["label"], step.logits, finite=finite,
                                 loss=step.loss, w1_loss=step.loss)
+
+    def diagnose(self, train, meta, grads):
+        """None here: B's diagnostics concern per-example weights."""
+        del train, meta, grads
 
     def learn(self, train):
         """Stage 1: W1' from the unweighted training loss under α."""

@@ -128,10 +128,13 @@ class DartsGradientTest(tf.test.TestCase, parameterized.TestCase):
 
 class LfmDartsGradientTest(tf.test.TestCase, parameterized.TestCase):
 
-    @parameterized.parameters("small_cnn", "shared")
-    def test_alpha_gradient_through_both_steps(self, encoder):
+    @parameterized.parameters(("small_cnn", "paper"), ("shared", "paper"),
+                              ("small_cnn", "both"))
+    def test_alpha_gradient_through_both_steps(self, encoder,
+                                               lfm_objective):
         with testing.float64():
-            model = _build("lfm_darts", encoder=encoder)
+            model = _build("lfm_darts", encoder=encoder,
+                           lfm_objective=lfm_objective)
             train, meta = _batches()
             grads = model.hypergradients(train, meta)[-1]
 
@@ -156,6 +159,12 @@ class LfmDartsGradientTest(tf.test.TestCase, parameterized.TestCase):
     def test_rejects_inexact_hypergradients(self):
         with self.assertRaisesRegex(ValueError, "hypergradient=exact"):
             _build("lfm_darts", hypergradient="finite_difference")
+
+    def test_rejects_what_a_search_cannot_mean(self):
+        with self.assertRaisesRegex(ValueError, "lfm_objective=both"):
+            _build("lfm_darts", lfm_objective="shared")
+        with self.assertRaisesRegex(ValueError, "evaluate_learner=w1"):
+            _build("lfm_darts", evaluate_learner="ensemble")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from absl.testing import parameterized
 
 from lfm_tf import config as config_lib
 from lfm_tf import testing
+from lfm_tf import train_lib
 from lfm_tf.methods import factory
 
 NUM_TRAIN, NUM_META, BATCH, META_BATCH, CLASSES, SIDE = 10, 6, 5, 4, 3, 6
@@ -94,6 +95,13 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
                                "weighting_mode": "positional",
                                "meta_batch_size": META_BATCH}),
         ("l2_without_x", {"similarity": "l2", "use_similarity": False}),
+        # The objectives (README, "LFM objectives") and the a = 1 ablation.
+        ("shared_objective", {"lfm_objective": "shared"}),
+        ("shared_without_mistakes", {"lfm_objective": "shared",
+                                     "mistake_weighting": "none"}),
+        ("both_objective", {"lfm_objective": "both"}),
+        ("both_parameter_sharing", {"lfm_objective": "both",
+                                    "encoder": "shared"}),
         # Clipping shrinks the gradients ~100x: a larger step keeps the
         # central difference above round-off, at ~1e-6 truncation error.
         ("with_clipping", {"grad_clip_norm": 0.05}, 1e-4, 1e-5),
@@ -139,6 +147,114 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
         for g, e in zip(got, expected):
             self.assertAllClose(g, e, rtol=1e-8, atol=1e-14)
         self.assertGreater(float(tf.reduce_max(tf.abs(got[0]))), 0.0)
+
+
+class LfmObjectiveTest(tf.test.TestCase):
+    """Each `--lfm_objective` computes its documented equation."""
+
+    def setUp(self):
+        super().setUp()
+        self.enterContext(testing.float64())
+
+    def test_shared_weights_w2_by_normalised_b_times_a(self):
+        model = _build(lfm_objective="shared")
+        train, meta = _batches()
+        a = model.weigh_mistakes(train, meta, model.learn(train).params)
+        b = model.example_weight_table.values.numpy()[train["index"]]
+        expected = b * a.numpy() / np.mean(b * a.numpy())
+        self.assertAllClose(model.relearn_weights(train, a), expected)
+
+    def test_both_adds_w1_validation_loss(self):
+        train, meta = _batches()
+        paper = _build().run_stages(train, meta)[-1]
+        model = _build(lfm_objective="both")
+        w1_params = model.learn(train).params
+        u, _ = model.w1.losses(w1_params, meta["image"], meta["label"])
+        self.assertAllClose(model.run_stages(train, meta)[-1],
+                            paper + tf.reduce_mean(u))
+
+    def test_no_mistake_weighting_is_a_equals_one(self):
+        model = _build(mistake_weighting="none", lfm_objective="shared")
+        train, meta = _batches()
+        a = model.run_stages(train, meta)[1]
+        self.assertAllEqual(a, np.ones(BATCH))
+
+    def test_chained_modes_refuse_other_objectives(self):
+        for objective in ("shared", "both"):
+            with self.assertRaisesRegex(
+                    ValueError, "lfm_objective='%s' with hypergradient="
+                    "'first_order'.*--hypergradient=exact" % objective):
+                _build(lfm_objective=objective, hypergradient="first_order")
+
+    def test_ensemble_is_the_mean_of_both_learners_logits(self):
+        model = _build(evaluate_learner="ensemble")
+        images = _batches()[1]["image"]
+        w1 = model.classifier(images)
+        w2 = model.w2_head(model.w2_trunk(images))
+        self.assertAllClose(model(images), (w1 + w2) / 2)
+        # What train_lib exports: one model with the same logits.
+        config = config_lib.ExperimentConfig(
+            model=config_lib.ModelConfig(backbone="small_cnn", width=4),
+        ).replace(evaluate_learner="ensemble").validate()
+        facts = factory.DataFacts(
+            num_classes=CLASSES, input_shape=(SIDE, SIDE, 3),
+            num_train=NUM_TRAIN, num_meta=NUM_META)
+        exported = train_lib.evaluated_classifier(model, config, facts)
+        self.assertAllClose(exported(images), (w1 + w2) / 2)
+
+
+class LfmDiagnosticsTest(tf.test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.enterContext(testing.float64())
+
+    def test_alignment_is_the_cosine_with_w1_validation_gradient(self):
+        model = _build(diagnostics_every=2)
+        factory.compile_method(model, config_lib.ExperimentConfig())
+        train, meta = _batches()
+        b_grad = model.hypergradients(train, meta)[-1][0].numpy()
+
+        def w1_validation_loss():
+            params = model.learn(train).params
+            losses, _ = model.w1.losses(params, meta["image"], meta["label"])
+            return tf.reduce_mean(losses)
+
+        # grad_B L_val(W1') by central differences; zero off the batch.
+        direct = np.zeros(NUM_TRAIN)
+        for k in train["index"].numpy():
+            direct[k] = testing.central_difference(
+                w1_validation_loss, model.example_weight_table.values, k)
+        expected = b_grad @ direct / (
+            np.linalg.norm(b_grad) * np.linalg.norm(direct))
+        logs = model.train_step({"train": train, "meta": meta})
+        self.assertAllClose(logs["b_alignment"], expected, atol=1e-6)
+        self.assertAllClose(logs["b_grad_norm"], np.linalg.norm(b_grad),
+                            rtol=1e-5)
+        # Step 1 is not due (every 2): the last alignment is held.
+        logs = model.train_step({"train": train, "meta": meta})
+        self.assertAllClose(logs["b_alignment"], expected, atol=1e-6)
+
+    def test_head_and_tail_weights_follow_the_class_counts(self):
+        # Class 2 has fewer training examples than the median: tail.
+        keras.utils.set_random_seed(0)
+        config = config_lib.ExperimentConfig(
+            model=config_lib.ModelConfig(backbone="small_cnn", width=4),
+        ).replace(grad_clip_norm=None).validate()
+        model = factory.build_method(config, factory.DataFacts(
+            num_classes=CLASSES, input_shape=(SIDE, SIDE, 3),
+            num_train=NUM_TRAIN, num_meta=NUM_META,
+            class_counts=np.array([4, 5, 1])))
+        model.example_weight_table.values.assign(np.arange(NUM_TRAIN) / 10)
+        factory.compile_method(model, config)
+        train, meta = _batches()
+        logs = model.train_step({"train": train, "meta": meta})
+        # Labels [0, 1, 2, 0, 1] at indices [3, 0, 7, 5, 9]; B is read
+        # after its update, so compare with the table as it is now.
+        b = model.example_weight_table.values.numpy()
+        self.assertAllClose(logs["b_tail"], b[7], rtol=1e-5)
+        self.assertAllClose(logs["b_head"], np.mean(b[[3, 0, 5, 9]]),
+                            rtol=1e-5)
 
 
 class LfmStageTest(tf.test.TestCase):
@@ -201,7 +317,8 @@ class LfmStageTest(tf.test.TestCase):
         train, meta = _batches()
         logs = model.train_step({"train": train, "meta": meta})
         for key in ("w1_loss", "w2_loss", "val_loss", "a_mean", "b_mean",
-                    "a_corrupted", "b_clean", "accuracy"):
+                    "a_corrupted", "b_clean", "accuracy", "b_grad_norm",
+                    "b_alignment", "a_head", "a_tail", "b_head", "b_tail"):
             self.assertIn(key, logs)
             self.assertTrue(np.isfinite(float(logs[key])), key)
         self.assertEqual(int(model.step_counter.numpy()), 1)

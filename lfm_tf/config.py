@@ -17,7 +17,9 @@ ENCODERS = ("small_cnn", "resnet18", "shared")
 SIMILARITIES = ("dot", "cosine", "l2")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order")
 WEIGHTING_MODES = ("by_id", "positional")
-EVALUATED_LEARNERS = ("w1", "w2")
+EVALUATED_LEARNERS = ("w1", "w2", "ensemble")
+LFM_OBJECTIVES = ("paper", "shared", "both")
+MISTAKE_WEIGHTINGS = ("learned", "none")
 WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
 LOSSES = ("ce", "focal", "logit_adjusted", "balanced_softmax", "ldam", "gce")
 # The methods whose every learner step takes its per-example loss from
@@ -50,6 +52,8 @@ CHOICES = {
     "similarity": SIMILARITIES,
     "weighting_mode": WEIGHTING_MODES,
     "evaluate_learner": EVALUATED_LEARNERS,
+    "lfm_objective": LFM_OBJECTIVES,
+    "mistake_weighting": MISTAKE_WEIGHTINGS,
     "weight_normalization": WEIGHT_NORMALIZATIONS,
     "loss": LOSSES,
     "dbl_validation": DBL_VALIDATION,
@@ -323,7 +327,20 @@ class MethodConfig:
       single_network: SN ablation: one network instead of two. W2 is W1:
         the a-weighted step starts from W1' and its result is the network's
         new weights; B, V and r still descend L_val through both steps.
-      evaluate_learner: which learner is evaluated and exported (`w1`).
+      evaluate_learner: which learner is evaluated and exported: `w1`,
+        `w2` or `ensemble` (the mean of W1's and W2's logits).
+      lfm_objective: LFM-DR's weight path and stage-3 objective (README,
+        "LFM objectives"): `paper` (eq. 9: B weights W1's loss, a W2's,
+        B, V, r descend L_val(W2')), `shared` (W2's step is weighted by
+        b_i a_i / mean_batch(b a): B shapes both learners, as A does in
+        the paper's NAS eq. 8; deploy W2) or `both` (stage 3 descends
+        L_val(W1') + L_val(W2')). Non-paper objectives need
+        `hypergradient=exact`.
+      mistake_weighting: `learned` (a from W1''s mistakes, the paper) or
+        `none` (a = 1: the ablation with no mistakes at all).
+      diagnostics_every: every this many steps LFM-DR logs `b_alignment`,
+        the cosine of B's hypergradient with grad_B L_val(W1') (one extra
+        pass through stage 1); 0 turns it off.
       focal_gamma: gamma of the focal loss.
       class_balanced_beta: beta of the effective number (1 - beta^n).
       meta_net_hidden: hidden width of Meta-Weight-Net's MLP.
@@ -382,6 +399,9 @@ class MethodConfig:
     weighting_mode: str = "by_id"
     single_network: bool = False
     evaluate_learner: str = "w1"
+    lfm_objective: str = "paper"
+    mistake_weighting: str = "learned"
+    diagnostics_every: int = 50
     focal_gamma: float = 2.0
     class_balanced_beta: float = 0.9999
     meta_net_hidden: int = 100
@@ -461,6 +481,18 @@ class MethodConfig:
         _check_choice(
             "evaluate_learner", self.evaluate_learner, EVALUATED_LEARNERS
         )
+        _check_choice("lfm_objective", self.lfm_objective, LFM_OBJECTIVES)
+        _check_choice("mistake_weighting", self.mistake_weighting,
+                      MISTAKE_WEIGHTINGS)
+        _check_positive("diagnostics_every", self.diagnostics_every,
+                        allow_zero=True)
+        if self.lfm_objective != "paper" and self.hypergradient != "exact":
+            raise ValueError(
+                f"Received lfm_objective={self.lfm_objective!r} with "
+                f"hypergradient={self.hypergradient!r}; that combination is "
+                "not implemented (the chained modes assume eq. 9's paths). "
+                "Set --hypergradient=exact, which supports every objective."
+            )
         if not 0 < self.class_balanced_beta < 1:
             raise ValueError(
                 f"Received class_balanced_beta={self.class_balanced_beta}; "

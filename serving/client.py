@@ -11,7 +11,10 @@ signature (base64 `{"b64": ...}` in JSON), uint8 pixel arrays to
 `serving_default`. Each attempt is bounded by `timeout` seconds; connection
 failures, HTTP 502/503/429 and gRPC UNAVAILABLE/RESOURCE_EXHAUSTED are
 retried with exponential backoff; a timeout is not retried (the server is
-slow, not down) and raises `ServingTimeoutError`.
+slow, not down) and raises `ServingTimeoutError`. A refused request (HTTP
+400/404 and every other 4xx but 429; gRPC INVALID_ARGUMENT, NOT_FOUND,
+FAILED_PRECONDITION, ...) is never retried: `ServingError` carries the
+server's own message and its `status`.
 """
 
 import argparse
@@ -42,7 +45,16 @@ RETRYABLE_HTTP = (429, 502, 503)
 
 
 class ServingError(RuntimeError):
-    """A request that failed: the server's answer or the last failure."""
+    """A request that failed: the server's answer or the last failure.
+
+    Attributes:
+      status: the server's HTTP status (int) or gRPC code name (str), when
+        it answered; None otherwise.
+    """
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
 
 
 class ServingTimeoutError(ServingError, TimeoutError):
@@ -330,9 +342,12 @@ class ServingClient:
                 raise ServingTimeoutError(
                     f"{url}: the server's deadline passed (HTTP 504: "
                     f"{detail}); raise its --rest_api_timeout_in_ms or send "
-                    "smaller batches.") from error
+                    "smaller batches.", status=504) from error
+            # 400, 404, ...: the request itself is refused; another
+            # attempt would be refused the same way.
             raise ServingError(
-                f"{url} answered HTTP {error.code}: {detail}") from error
+                f"{url} answered HTTP {error.code}: {detail}",
+                status=error.code) from error
         except (socket.timeout, TimeoutError) as error:
             raise self._timeout(error) from error
         except urllib.error.URLError as error:
@@ -340,7 +355,10 @@ class ServingClient:
                 raise self._timeout(error.reason) from error
             raise _Retryable(f"cannot connect: {error.reason}") from error
         except (ConnectionError, http.client.HTTPException) as error:
-            raise _Retryable(f"connection failed: {error!r}") from error
+            raise _Retryable(
+                f"connection failed: {error!r} (no HTTP answer: a server "
+                "that is restarting, or one that crashed on the request)"
+            ) from error
         return parse_rest_response(reply)
 
     def _timeout(self, error):
@@ -381,7 +399,8 @@ class ServingClient:
                 raise _Retryable(detail) from error
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise self._timeout(detail) from error
-            raise ServingError(f"{self.target}: {detail}") from error
+            raise ServingError(f"{self.target}: {detail}",
+                               status=code.name) from error
         return _decode_strings(
             {k: tf.make_ndarray(v) for k, v in reply.outputs.items()})
 

@@ -37,6 +37,7 @@ from lfm_tf import export
 from lfm_tf.data import pipeline
 from lfm_tf.models import backbones
 from serving import client as client_lib
+from serving import local_server
 
 SERVING_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(
@@ -229,11 +230,20 @@ class ServingClientTest(tf.test.TestCase):
         cls.grpc_port = cls.grpc_server.add_insecure_port("127.0.0.1:0")
         cls.grpc_server.start()
 
+        # serving.local_server on the same model: TF Serving's refusals.
+        backend = local_server.SavedModelBackend(path, MODEL)
+        cls.local_rest = local_server.start_rest(backend)
+        cls.local_grpc, cls.local_grpc_port = local_server.start_grpc(
+            backend)
+
     @classmethod
     def tearDownClass(cls):
         cls.rest_server.shutdown()
         cls.rest_server.server_close()
         cls.grpc_server.stop(0)
+        cls.local_rest.shutdown()
+        cls.local_rest.server_close()
+        cls.local_grpc.stop(0)
         super().tearDownClass()
 
     def setUp(self):
@@ -472,6 +482,65 @@ class ServingClientTest(tf.test.TestCase):
                             self.expected["probabilities"][:2], atol=1e-6)
         self.assertEqual(self.rest_bodies[-1]["signature_name"],
                          "serving_default")
+
+    # Against serving.local_server -----------------------------------------
+
+    def test_refused_requests_show_the_servers_error_and_are_not_retried(
+            self):
+        port = self.local_rest.server_address[1]
+        requests = self.local_rest.state["requests"]
+
+        def client(**kwargs):
+            made = client_lib.ServingClient("127.0.0.1", MODEL, port=port,
+                                            initial_backoff=0.01, **kwargs)
+            self.addCleanup(made.close)
+            return made
+
+        header = (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"
+                  + (20000).to_bytes(4, "big") * 2 + b"\x08\x02\0\0\0")
+        cases = [
+            (lambda: client().predict(self.images, signature_name="nope"),
+             400, 'Serving signature key "nope" not found'),
+            (lambda: client(version=2).predict(self.images),
+             404, f"Specific({MODEL}, 2)"),
+            (lambda: client(version_label="stable").predict(self.images),
+             404, "Unrecognized servable version label: stable"),
+            (lambda: client().predict(image_bytes=[header]),
+             400, "height 20000 x width 20000"),
+            (lambda: client(columnar=True).predict(image_bytes=[b"GIF"]),
+             400, "Unknown image file format"),
+        ]
+        for call, status, message in cases:
+            requests.clear()
+            with self.assertRaises(client_lib.ServingError) as caught:
+                call()
+            self.assertNotIsInstance(caught.exception,
+                                     client_lib.ServingUnavailableError)
+            self.assertEqual(caught.exception.status, status)
+            self.assertIn(f"answered HTTP {status}: ", str(caught.exception))
+            self.assertIn(message, str(caught.exception))
+            self.assertLen(requests, 1)  # not retried
+        # The columnar format is served.
+        self._check_outputs(client(columnar=True).predict(self.images))
+        # The command line prints the server's message.
+        path = os.path.join(self.get_temp_dir(), "cat.png")
+        with open(path, "wb") as f:
+            f.write(_png(self.images[0]))
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = client_lib.main(["--host=127.0.0.1", f"--port={port}",
+                                    f"--model={MODEL}", "--version=2", path])
+        self.assertEqual(code, 1)
+        self.assertIn("HTTP 404: Servable not found", stderr.getvalue())
+        # gRPC: NOT_FOUND, once.
+        grpc_client = client_lib.ServingClient(
+            "127.0.0.1", MODEL, protocol="grpc", port=self.local_grpc_port,
+            version=2, initial_backoff=0.01)
+        self.addCleanup(grpc_client.close)
+        with self.assertRaises(client_lib.ServingError) as caught:
+            grpc_client.predict(self.images)
+        self.assertEqual(caught.exception.status, "NOT_FOUND")
+        self.assertIn(f"Specific({MODEL}, 2)", str(caught.exception))
 
     def test_models_config_parses(self):
         with open(os.path.join(SERVING_DIR, "models.config")) as f:

@@ -722,6 +722,10 @@ class TrainConfig:
         finite-difference perturbations in float32). float16 uses dynamic
         loss scaling through the unrolled inner steps and the outer
         gradients of every method (optimization/loss_scale.py).
+      overwrite: replace a previous run of another configuration in the
+        workdir (its artefacts are deleted first); without it such a
+        workdir is refused. Not part of what a run computes, so it never
+        counts as a configuration difference (`workdir.py`).
     """
 
     epochs: int = 1
@@ -734,6 +738,7 @@ class TrainConfig:
     strategy: str = "default"
     tpu: Optional[str] = None
     mixed_precision: str = "none"
+    overwrite: bool = False
 
     def validate(self):
         _check_positive("epochs", self.epochs)

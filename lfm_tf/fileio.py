@@ -1,7 +1,11 @@
 """Writes that never leave a half-written file behind."""
 
+import glob
 import os
+import shutil
 import tempfile
+
+from absl import logging
 
 
 def write_text(path, text):
@@ -48,3 +52,35 @@ def make_readable_dirs(path):
     for directory in reversed(missing):
         os.makedirs(directory, exist_ok=True)
         os.chmod(directory, READABLE_DIR)
+
+
+# What the atomic writers leave behind when a run is killed mid-write:
+# directory exports (`export._write_directory_atomically`), `write_text`'s
+# and `train_lib._write_npz`'s temporaries, in a run directory and in its
+# immediate subdirectories (stage_<i>/, checkpoints/).
+PARTIAL_PATTERNS = (".*.partial-*", ".*.replaced-*", ".tmp-*", "*.tmp.npz")
+
+
+def remove_partials(directory):
+    """Removes half-written leftovers of a killed run from `directory`.
+
+    Call it only while holding the directory's lock (`workdir.lock`): a
+    live writer's temporaries look the same.
+
+    Args:
+      directory: a run directory.
+
+    Returns:
+      The removed paths, sorted.
+    """
+    removed = []
+    for pattern in PARTIAL_PATTERNS:
+        for where in (pattern, os.path.join("*", pattern)):
+            removed.extend(glob.glob(os.path.join(directory, where)))
+    for path in sorted(removed):
+        logging.info("Removing %s, left half written by a killed run.", path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    return sorted(removed)

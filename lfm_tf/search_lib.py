@@ -16,6 +16,9 @@ ops the previous stage kept) and writes into `workdir`:
     workers/worker-<i>/      multi-worker only: worker i's copy of the
                              above (backups aside); only the chief writes
                              `workdir`
+    .lock                    held while a search writes here
+                             (`workdir.claim`); another configuration is
+                             refused unless `overwrite`
 
 The search reads the training split (weights) and the meta split
 (architecture) only; the test split is never touched.
@@ -29,17 +32,23 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from lfm_tf import callbacks as callbacks_lib
 from lfm_tf import checkpointing
 from lfm_tf import config as config_lib
 from lfm_tf import distribute
 from lfm_tf import fileio
 from lfm_tf import train_lib
+from lfm_tf import workdir as workdir_lib
 from lfm_tf.data import pipeline
 from lfm_tf.methods import search_factory
 from lfm_tf.nas import genotypes
 from lfm_tf.nas import pdarts
 
 GENOTYPE_FILE = "genotype.json"
+# What a search writes into its directory: `--overwrite` deletes these (and
+# config.json) before a new configuration starts there.
+ARTEFACTS = ("splits.npz", GENOTYPE_FILE, "stage_*", "logs",
+             "search_summary.json")
 
 
 def run_search(config, workdir):
@@ -58,10 +67,17 @@ def run_search(config, workdir):
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.data.seed)
     outdir = distribute.artefact_dir(workdir, strategy)
-    os.makedirs(outdir, exist_ok=True)
-    fileio.write_text(os.path.join(outdir, "config.json"), config.to_json())
+    # Held for the whole search; each writer locks its own directory.
+    with workdir_lib.claim(outdir, config, ARTEFACTS, "pipelines.search"):
+        return _search(config, workdir, outdir, strategy)
+
+
+def _search(config, workdir, outdir, strategy):
+    """`run_search` inside its claimed workdir."""
     start = time.time()
     data = train_lib.prepare_data(config)
+    # Only now: the data is valid, so this configuration runs.
+    workdir_lib.write_config(outdir, config)
     data["splits"].save(os.path.join(outdir, "splits.npz"))
     writer = tf.summary.create_file_writer(os.path.join(outdir, "logs"))
 
@@ -71,7 +87,9 @@ def run_search(config, workdir):
     for index, (cells, keep, rate) in enumerate(stage_plan):
         stage = search_factory.SearchStage(
             cells, stage.normal_ops, stage.reduce_ops, rate, index)
-        done = _read_stage(workdir, index)
+        # --overwrite starts afresh: no worker reuses what the chief is
+        # deleting.
+        done = None if config.train.overwrite else _read_stage(workdir, index)
         if done is not None:
             logging.info("Stage %d already finished; skipping it.", index)
             summaries.append(done)
@@ -196,12 +214,16 @@ def _fit_stage(config, data, model, stage, workdir, outdir, writer, timer,
         config.train.checkpoints_to_keep,
         is_chief=distribute.is_chief(strategy),
         worker_id=distribute.worker_id(strategy))
-    resume = manager.latest_state()
+    resume = None if config.train.overwrite else manager.latest_state()
     backup = checkpointing.BackupAndRestore(
         manager, steps, config.train.checkpoint_every_steps, resume)
     callbacks = [
         timer,
-        backup,  # First: a resumed model is restored before anything reads it.
+        # Before the checkpoint: a diverged step is never recorded.
+        callbacks_lib.StopOnNonFinite(
+            steps, backup.global_step, config.train.checkpoint_every_steps,
+            callbacks_lib.divergence_settings(config)),
+        backup,  # A resumed model is restored before anything reads it.
         _StageSchedule(model, stage, search, epochs, steps, backup),
         _GenotypeLogger(model, outdir, writer, stage.index),
         keras.callbacks.TensorBoard(

@@ -12,6 +12,10 @@ The run's artefacts land in `workdir`:
                          the evaluated classifier, ready for serving
     workers/worker-<i>/  multi-worker only: worker i's copy of the above
                          (backup/ aside); only the chief writes `workdir`
+    .lock                held while a run writes here (`workdir.claim`)
+
+A rerun of the same configuration resumes (or, finished, evaluates and
+exports again); another configuration is refused unless `overwrite`.
 
 Model selection reads only the clean validation (meta) set; the test set is
 read once, after training.
@@ -34,6 +38,7 @@ from lfm_tf import config as config_lib
 from lfm_tf import distribute
 from lfm_tf import export
 from lfm_tf import fileio
+from lfm_tf import workdir as workdir_lib
 from lfm_tf.nas import derived_network
 from lfm_tf.nas import genotypes
 from lfm_tf.data import pipeline
@@ -43,6 +48,13 @@ from lfm_tf.methods import factory
 from lfm_tf.methods import lrw
 from lfm_tf.models import backbones
 from lfm_tf.models import ensemble
+
+
+# What a run writes into its directory: `--overwrite` deletes these (and
+# config.json) before a new configuration starts there.
+ARTEFACTS = ("splits.npz", "lrw_split.npz", "logs", "checkpoints", "backup",
+             "metrics.json", "test_predictions.npz", "example_weights.npz",
+             "classifier.weights.h5", "export_info.json", "saved_model")
 
 
 def prepare_data(config, arrays: Optional[sources.SourceData] = None):
@@ -127,17 +139,23 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.data.seed)
-    os.makedirs(workdir, exist_ok=True)
+    outdir = distribute.artefact_dir(workdir, strategy)
+    # Held for the whole run; each writer locks its own directory.
+    with workdir_lib.claim(outdir, config, ARTEFACTS, "pipelines.train"):
+        return _run(config, workdir, outdir, strategy, arrays,
+                    extra_callbacks)
+
+
+def _run(config, workdir, outdir, strategy, arrays, extra_callbacks):
+    """`train_and_evaluate` inside its claimed workdir."""
     manager = checkpointing.Manager(
         os.path.join(workdir, "backup"), config.train.checkpoints_to_keep,
         is_chief=distribute.is_chief(strategy),
         worker_id=distribute.worker_id(strategy),
     )
-    resume = manager.latest_state()
-    _check_resumable(config, workdir, resume)
-    outdir = distribute.artefact_dir(workdir, strategy)
-    os.makedirs(outdir, exist_ok=True)
-    fileio.write_text(os.path.join(outdir, "config.json"), config.to_json())
+    # --overwrite starts afresh: the chief has deleted its backup/ already,
+    # and no other worker may resume from what the chief is deleting.
+    resume = None if config.train.overwrite else manager.latest_state()
 
     data = prepare_data(config, arrays)
     data["splits"].save(os.path.join(outdir, "splits.npz"))
@@ -150,6 +168,8 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         )
     if config.train.mixed_precision != "none":
         _float32_outputs(model)
+    # Only now: data and model are valid, so this configuration runs.
+    workdir_lib.write_config(outdir, config)
     checkpoint = os.path.join(outdir, "checkpoints", "best.weights.h5")
     os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
     selection = keras.callbacks.ModelCheckpoint(
@@ -162,6 +182,11 @@ def train_and_evaluate(config, workdir, arrays=None, extra_callbacks=()):
         selection,
     )
     callbacks = [
+        # First: a non-finite step stops the run before anything (model
+        # selection, a checkpoint) records it.
+        callbacks_lib.StopOnNonFinite(
+            steps, backup.global_step, config.train.checkpoint_every_steps,
+            callbacks_lib.divergence_settings(config)),
         keras.callbacks.TensorBoard(os.path.join(outdir, "logs")),
         selection,
         *callbacks_lib.weight_diagnostics(model, data["splits"]),
@@ -264,29 +289,6 @@ def _phases(global_step, steps, epochs):
     if epoch < epochs:
         phases.append((epoch, epochs, steps))
     return phases
-
-
-def _check_resumable(config, workdir, resume):
-    """A checkpoint is only resumed by the configuration that wrote it."""
-    path = os.path.join(workdir, "config.json")
-    if resume is None or not os.path.exists(path):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    current = json.loads(config.to_json())
-    # How the run is executed may change between tries; what it computes
-    # may not.
-    for key in ("strategy", "tpu", "checkpoint_every_steps",
-                "checkpoints_to_keep", "run_eagerly"):
-        previous.get("train", {}).pop(key, None)
-        current["train"].pop(key, None)
-    if previous != current:
-        raise ValueError(
-            f"Received a configuration that differs from the one in {path}, "
-            f"whose checkpoint {resume['path']} would be resumed; expected "
-            "the same command. Use a new --workdir, or delete "
-            f"{os.path.dirname(resume['path'])} to start over."
-        )
 
 
 def _final_metrics(model, data, history, workdir=None):
@@ -396,9 +398,13 @@ def _exported_architecture(config):
     if _is_ensemble(config):
         architecture.update(kind="ensemble", members=2)
     return architecture
+
+
 def _is_ensemble(config):
     return (config.method.method == "lfm"
             and config.method.evaluate_learner == "ensemble")
+
+
 def _exportable_model_config(model_config):
     """The model config with a searched cell inlined as JSON text, so the
     export needs no genotype file from the search's machine."""
@@ -425,6 +431,8 @@ def evaluated_classifier(model, config, facts):
     w1 = _learner_copy(config, facts, model.classifier.trunk,
                        model.classifier.head, "w1_export")
     return ensemble.LogitEnsemble([w1, w2], name="ensemble_export")
+
+
 def _learner_copy(config, facts, trunk, head, name):
     """A fresh `Classifier` holding a copy of (trunk, head)'s weights."""
     classifier = backbones.build_backbone(

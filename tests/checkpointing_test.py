@@ -150,13 +150,17 @@ class ResumeGuardTest(tf.test.TestCase):
         workdir = self.get_temp_dir()
         config = _config("erm", epochs=1, steps_per_epoch=1)
         train_lib.train_and_evaluate(config, workdir)
-        with self.assertRaisesRegex(ValueError, "same command"):
+        with self.assertRaisesRegex(ValueError,
+                                    "data.noise_rate: 0.4 -> 0.2.*--overwrite"):
             train_lib.train_and_evaluate(
                 config.replace(noise_rate=0.2), workdir)
-        # Changing only how it runs is allowed (and trains no more steps).
+        # Changing only how it runs is allowed; a finished run is evaluated
+        # and exported again from its checkpoints, training no more steps
+        # (pipelines.benchmark's reruns rely on it).
         metrics = train_lib.train_and_evaluate(
             config.replace(checkpoint_every_steps=5), workdir)
         self.assertLen(metrics["val_accuracy_per_epoch"], 1)
+        self.assertLen(os.listdir(os.path.join(workdir, "backup")), 1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from absl.testing import parameterized
 
 from lfm_tf import config as config_lib
 from lfm_tf import train_lib
+from lfm_tf import workdir as workdir_lib
 from lfm_tf.data import splits as splits_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -87,6 +89,127 @@ class TrainLibTest(tf.test.TestCase, parameterized.TestCase):
         train_lib.train_and_evaluate(config, workdir)
         self.assertTrue(os.path.exists(
             os.path.join(workdir, "saved_model", "saved_model.pb")))
+
+
+class WorkdirSafetyTest(tf.test.TestCase):
+    """One run per workdir: config guard, --overwrite, lock, leftovers."""
+
+    def test_finished_workdir_refuses_another_config_unless_overwrite(self):
+        workdir = self.get_temp_dir()
+        previous = _smoke_config("mwnet", steps_per_epoch=1)
+        train_lib.train_and_evaluate(previous, workdir)
+        # As an LFM run leaves its B; MW-Net (a meta-net, no table) and ERM
+        # write none, so only --overwrite can remove this one.
+        stale = os.path.join(workdir, "example_weights.npz")
+        np.savez(stale, weights=np.ones(3))
+        erm = _smoke_config("erm", steps_per_epoch=1, noise_rate=0.2)
+        # A finished run has no backup/ to resume, yet it is guarded.
+        shutil.rmtree(os.path.join(workdir, "backup"))
+        with self.assertRaisesRegex(
+                workdir_lib.ConfigMismatchError,
+                r"in 2 field\(s\): data.noise_rate: 0.4 -> 0.2; "
+                r"method.method: 'mwnet' -> 'erm'.*--overwrite"):
+            train_lib.train_and_evaluate(erm, workdir)
+        with open(os.path.join(workdir, "config.json")) as f:
+            self.assertEqual(json.load(f)["method"]["method"], "mwnet")
+        train_lib.train_and_evaluate(erm.replace(overwrite=True), workdir)
+        with open(os.path.join(workdir, "config.json")) as f:
+            self.assertEqual(json.load(f)["method"]["method"], "erm")
+        self.assertFalse(os.path.exists(stale))
+        # --overwrite is how a run is executed, not what it computes.
+        self.assertEqual(workdir_lib.config_differences(
+            json.loads(erm.to_json()),
+            json.loads(erm.replace(overwrite=True).to_json())), [])
+
+    def test_second_process_is_refused_with_the_holders_pid(self):
+        workdir = self.get_temp_dir()
+        holder = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, time; from lfm_tf import workdir as w\n"
+             f"with w.lock({workdir!r}):\n"
+             "    print('locked', flush=True); time.sleep(60)"],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            self.assertEqual(holder.stdout.readline().strip(), "locked")
+            with self.assertRaisesRegex(
+                    workdir_lib.WorkdirInUseError,
+                    rf"--workdir={workdir}, which another run \(PID "
+                    rf"{holder.pid}\) is using"):
+                train_lib.train_and_evaluate(_smoke_config("erm"), workdir)
+            self.assertFalse(os.path.exists(
+                os.path.join(workdir, "config.json")))
+        finally:
+            holder.kill()
+            holder.wait()
+        # The kernel dropped the dead holder's lock.
+        with workdir_lib.lock(workdir):
+            with self.assertRaisesRegex(workdir_lib.WorkdirInUseError,
+                                        rf"PID {os.getpid()}\)"):
+                with workdir_lib.lock(workdir):
+                    pass
+
+    def test_search_workdir_is_guarded_too(self):
+        from lfm_tf import search_lib  # pylint: disable=g-import-not-at-top
+        workdir = self.get_temp_dir()
+        previous = _smoke_config("darts", noise_rate=0.0)
+        workdir_lib.write_config(workdir, previous)
+        with self.assertRaisesRegex(workdir_lib.ConfigMismatchError,
+                                    "data.noise_rate: 0.0 -> 0.4"):
+            search_lib.run_search(_smoke_config("darts"), workdir)
+        with workdir_lib.lock(workdir):
+            with self.assertRaisesRegex(workdir_lib.WorkdirInUseError,
+                                        "another run"):
+                search_lib.run_search(previous, workdir)
+
+    def test_leftovers_of_a_killed_run_are_removed(self):
+        workdir = self.get_temp_dir()
+        partial = os.path.join(workdir, ".saved_model.partial-x1y2")
+        os.makedirs(os.path.join(partial, "variables"))
+        for name in (".tmp-abc", os.path.join("checkpoints", ".tmp-def"),
+                     "test_predictions.npz.tmp.npz"):
+            os.makedirs(os.path.dirname(os.path.join(workdir, name)),
+                        exist_ok=True)
+            with open(os.path.join(workdir, name), "w") as f:
+                f.write("half")
+        train_lib.train_and_evaluate(
+            _smoke_config("erm", steps_per_epoch=1), workdir)
+        self.assertEqual(
+            sorted(n for n in os.listdir(workdir) if n.startswith(".")),
+            [".lock"])
+        self.assertEqual(os.listdir(os.path.join(workdir, "checkpoints")),
+                         ["best.weights.h5"])
+        self.assertFalse(glob.glob(os.path.join(workdir, "*.tmp.npz")))
+
+    def test_invalid_data_writes_no_config(self):
+        workdir = self.get_temp_dir()
+        with self.assertRaisesRegex(ValueError, "num_meta_per_class=500"):
+            train_lib.train_and_evaluate(
+                _smoke_config("erm", num_meta_per_class=500), workdir)
+        self.assertFalse(os.path.exists(os.path.join(workdir,
+                                                     "config.json")))
+        # So the corrected command is not refused as "another config".
+        train_lib.train_and_evaluate(
+            _smoke_config("erm", steps_per_epoch=1), workdir)
+
+    def test_diverged_run_exits_non_zero_and_exports_nothing(self):
+        workdir = os.path.join(self.get_temp_dir(), "nan")
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines.train",
+             "--flagfile=configs/smoke/train_erm.flags",
+             "--w1_learning_rate=1e9", "--steps_per_epoch=2",
+             f"--workdir={workdir}"],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            check=False)
+        self.assertNotEqual(result.returncode, 0)
+        # Step 2's training loss was computed before its update broke W;
+        # the validation pass after it overflows.
+        self.assertRegex(
+            result.stderr, r"Received a non-finite epoch loss \(val_loss=nan"
+            r"\) at epoch 1, step 2 of 2 \(global step 2\).*"
+            r"--w1_learning_rate=1000000000.0.*--grad_clip_norm")
+        for name in ("saved_model", "metrics.json", "classifier.weights.h5"):
+            self.assertFalse(os.path.exists(os.path.join(workdir, name)),
+                             name)
 
 
 class ReweightingWorksTest(tf.test.TestCase):

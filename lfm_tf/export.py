@@ -604,7 +604,8 @@ def _write_directory_atomically(path, write, replace):
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     fileio.make_readable_dirs(parent)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    fileio.remove_stale_partials(parent, name)  # A killed export's.
+    tmp = tempfile.mkdtemp(prefix=fileio.temporary_prefix(name), dir=parent)
     try:
         write(tmp)
         if not os.path.exists(path):
@@ -619,7 +620,8 @@ def _write_directory_atomically(path, write, replace):
             raise FileExistsError(
                 f"{path} already exists (written by another export "
                 "meanwhile?); it was left as it is.")
-        old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+        old = tempfile.mkdtemp(prefix=fileio.temporary_prefix(
+            name, "replaced"), dir=parent)
         os.rename(path, os.path.join(old, name))
         try:
             os.rename(tmp, path)

@@ -2,7 +2,9 @@
 
 import glob
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 from absl import logging
@@ -59,6 +61,57 @@ def make_readable_dirs(path):
 # and `train_lib._write_npz`'s temporaries, in a run directory and in its
 # immediate subdirectories (stage_<i>/, checkpoints/).
 PARTIAL_PATTERNS = (".*.partial-*", ".*.replaced-*", ".tmp-*", "*.tmp.npz")
+
+
+def temporary_prefix(name, kind="partial"):
+    """`.<name>.<kind>-<pid>@<host>-`: a temporary directory's name prefix.
+
+    The writer's PID and host let `remove_stale_partials` tell the leftovers
+    of a killed writer from a live one's work in progress.
+    """
+    return f".{name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _writer_alive(pid, host):
+    if host != socket.gethostname():
+        return True  # Another machine's: it cannot be checked from here.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Another user's live process.
+    return True
+
+
+def remove_stale_partials(parent, name):
+    """Removes `.<name>.partial-*` / `.replaced-*` whose writer is dead.
+
+    A killed export leaves its temporary directory next to the version it
+    was writing; the next export of that name removes it. Directories of a
+    live writer (this host, its PID running) or of another host are kept;
+    ones named before writers were recorded are removed.
+
+    Args:
+      parent: the directory holding `name`.
+      name: the final directory's name (e.g. a version number).
+
+    Returns:
+      The removed paths, sorted.
+    """
+    pattern = re.compile(
+        rf"^\.{re.escape(name)}\.(?:partial|replaced)-(?:(\d+)@(.*)-)?")
+    removed = []
+    for kind in ("partial", "replaced"):
+        for path in glob.glob(os.path.join(parent, f".{name}.{kind}-*")):
+            match = pattern.match(os.path.basename(path))
+            if match and match.group(1) and _writer_alive(
+                    int(match.group(1)), match.group(2)):
+                continue
+            logging.info("Removing %s, left by a killed export.", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def remove_partials(directory):

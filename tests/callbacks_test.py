@@ -1,6 +1,9 @@
 """Example-weight diagnostics and atomic writes."""
 
 import os
+import socket
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -8,6 +11,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from lfm_tf import callbacks
+from lfm_tf import export
 from lfm_tf import fileio
 from lfm_tf.data import splits as splits_lib
 
@@ -85,6 +89,32 @@ class FileIoTest(tf.test.TestCase):
         with open(path) as f:
             self.assertEqual(f.read(), "[1]")
         self.assertEqual(os.listdir(os.path.dirname(path)), ["f.json"])
+
+    def test_a_killed_exports_partial_goes_a_live_ones_stays(self):
+        parent = self.get_temp_dir()
+        host = socket.gethostname()
+        dead = subprocess.run([sys.executable, "-c",
+                               "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+        dead_pid = int(dead.stdout)
+        names = {
+            "dead": f".3.partial-{dead_pid}@{host}-ab12",
+            "old_style": ".3.partial-k9x2",  # Before writers were named.
+            "dead_replaced": f".3.replaced-{dead_pid}@{host}-cd",
+            "live": f".3.partial-{os.getpid()}@{host}-ef",
+            "other_host": f".3.partial-{dead_pid}@elsewhere.example-gh",
+            "other_version": f".4.partial-{dead_pid}@{host}-ij",
+        }
+        for name in names.values():
+            os.makedirs(os.path.join(parent, name, "variables"))
+        # As the next export of version 3 runs it.
+        export._write_directory_atomically(  # pylint: disable=protected-access
+            os.path.join(parent, "3"),
+            lambda d: open(os.path.join(d, "saved_model.pb"), "w").close(),
+            replace=False)
+        left = sorted(os.listdir(parent))
+        self.assertEqual(left, sorted(
+            ["3", names["live"], names["other_host"], names["other_version"]]))
 
     def test_remove_partials_keeps_finished_files(self):
         root = self.get_temp_dir()

@@ -227,6 +227,29 @@ class ThreadingTest(tf.test.TestCase, parameterized.TestCase):
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, plain)
         self.assertAllClose(float(logs["loss"]), float(tf.reduce_mean(ce)))
 
+    def test_drw_switches_on_inside_the_compiled_step(self):
+        # A vanishing learning rate keeps W fixed, so the reported loss
+        # changes only where DRW switches on: epoch 1 = step 2.
+        model = _build("erm", loss="ldam", drw_start_epoch=1, epochs=2,
+                       w1_learning_rate=1e-12)
+        factory.compile_method(model, config_lib.ExperimentConfig())
+        train, meta = _batches()
+        step = tf.function(model.train_step)
+        logits = model(train["image"], training=True)
+        plain = losses.ldam_loss(train["label"], logits,
+                                 losses.ldam_margins(COUNTS, 0.5), 30.0)
+        weights = losses.class_balanced_weights(COUNTS, 0.9999)[
+            train["label"].numpy()]
+        reported = []
+        for _ in range(4):
+            model.reset_metrics()
+            reported.append(float(step({"train": train, "meta": meta})
+                                  ["loss"]))
+        before, after = float(tf.reduce_mean(plain)), float(
+            tf.reduce_mean(weights * plain))
+        self.assertAllClose(reported, [before, before, after, after],
+                            rtol=1e-6)
+
     @parameterized.named_parameters(
         ("mwnet_gce", "mwnet", {"loss": "gce"}),
         ("l2rw_ldam_drw", "l2rw", {"loss": "ldam", "drw_start_epoch": 0}),

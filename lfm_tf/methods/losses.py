@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
+from lfm_tf import config as config_lib
 from lfm_tf.reweighting import mistake_weighting
 
 
@@ -193,6 +194,10 @@ class TrainingLoss:
     def __init__(self, loss="ce", class_counts=None, *, focal_gamma=2.0,
                  logit_adjust_tau=1.0, ldam_max_margin=0.5, ldam_scale=30.0,
                  gce_q=0.7, drw_start_step=None, drw_beta=0.9999):
+        if loss not in config_lib.LOSSES:
+            raise ValueError(
+                f"Received loss={loss!r}; expected one of "
+                f"{list(config_lib.LOSSES)}. Set --loss to one of these.")
         self.loss = loss
         self.class_counts = class_counts
         self.focal_gamma = float(focal_gamma)
@@ -213,11 +218,6 @@ class TrainingLoss:
             None if drw_start_step is None
             else class_balanced_weights(class_counts, drw_beta))
 
-    @property
-    def is_cross_entropy(self):
-        """Whether l_i is plain CE (closed-form head gradients apply)."""
-        return self.loss == "ce" and self.drw_start_step is None
-
     def base_loss(self, labels, logits):
         """l_i without DRW, float [B]."""
         if self.loss == "ce":
@@ -231,11 +231,7 @@ class TrainingLoss:
             return balanced_softmax_loss(labels, logits, self.class_counts)
         if self.loss == "ldam":
             return ldam_loss(labels, logits, self.margins, self.ldam_scale)
-        if self.loss == "gce":
-            return generalized_cross_entropy(labels, logits, self.gce_q)
-        raise ValueError(
-            f"Received loss={self.loss!r}; expected one of ce, focal, "
-            "logit_adjusted, balanced_softmax, ldam, gce.")
+        return generalized_cross_entropy(labels, logits, self.gce_q)
 
     def __call__(self, labels, logits, step=None):
         """l_i at optimizer step `step` (int scalar; DRW reads it).

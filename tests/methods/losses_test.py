@@ -124,6 +124,10 @@ class LossFunctionTest(tf.test.TestCase):
         self.assertEqual(set(config_lib.LOSSES),
                          set(expected) | {"logit_adjusted", "ldam"})
 
+    def test_unknown_loss_is_refused_on_construction(self):
+        with self.assertRaisesRegex(ValueError, "loss='hinge'.*--loss"):
+            losses.TrainingLoss("hinge")
+
     def test_drw_switches_on_at_its_step(self):
         loss = losses.TrainingLoss("gce", COUNTS, drw_start_step=6,
                                    drw_beta=0.9)

@@ -22,6 +22,7 @@ from typing import List, NamedTuple
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from lfm_tf import distribute
 from lfm_tf.methods import base
@@ -481,6 +482,15 @@ class LFM(base.MethodModel):
         self._trackers["b_grad_norm"].update_state(tf.norm(b_grad))
         every = self.config.diagnostics_every
         if not every:
+            return
+        if distribute.num_replicas() > 1:
+            # Stage 1 all-reduces W1's gradient, and MirroredStrategy allows
+            # no all-reduce inside a tf.cond (merge_call): computing it
+            # every step would cost a third of the step, so it is skipped.
+            logging.warning(
+                "b_alignment is not computed with %d replicas (a tf.cond "
+                "cannot hold stage 1's all-reduce); run on one device to "
+                "see it.", distribute.num_replicas())
             return
 
         def alignment():

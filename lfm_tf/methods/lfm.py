@@ -513,13 +513,11 @@ class LFM(base.MethodModel):
             losses, _ = self.w1.losses(w1_step.params, meta["image"],
                                        meta["label"])
             loss = tf.reduce_mean(losses)
-        grad = self.loss_scale.gradient(
-            tape, loss, [self.example_weight_table.values])[0]
         values = self.example_weight_table.values
-        if grad is None:
+        grad = self.loss_scale.gradient(tape, loss, [values])[0]
+        if grad is None:  # No path from B to W1' (none in LFM-DR).
             return tf.zeros_like(values)
-        return tf.convert_to_tensor(
-            distribute.scale_gradients([grad])[0])
+        return tf.convert_to_tensor(grad)
 
     def report(self, train, a, w1_step, w2_step, val_loss):
         b = self.example_weight_table.gather(train["index"])

@@ -18,7 +18,7 @@ training example, r one per meta example, B's gradient really flows through
 stage 2, and models are selected on validation only.
 """
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
@@ -35,8 +35,9 @@ from lfm_tf.reweighting import mistake_weighting
 
 
 class Step(NamedTuple):
-    """An unrolled learner step: W', m', BN statistics, its loss, and the
-    features and logits of the forward pass it started from."""
+    """An unrolled learner step: W', m', BN statistics, its loss, the
+    features and logits of the forward pass it started from, and the
+    (replica-mean, unclipped) gradient g it took."""
 
     params: List[tf.Tensor]
     momenta: List[tf.Tensor]
@@ -44,6 +45,7 @@ class Step(NamedTuple):
     loss: tf.Tensor
     logits: tf.Tensor
     features: tf.Tensor
+    grads: Optional[List[tf.Tensor]] = None
 
 
 class LFM(base.MethodModel):
@@ -69,6 +71,7 @@ class LFM(base.MethodModel):
         "loss", "w1_loss", "w2_loss", "val_loss",
         "a_mean", "a_min", "a_max", "b_mean", "b_min", "b_max",
         "a_clean", "a_corrupted", "b_clean", "b_corrupted",
+        "w1_clip_fraction", "w2_clip_fraction",
         # Diagnostics of the meta level (README, "LFM diagnostics").
         "b_grad_norm", "b_alignment", "a_head", "a_tail", "b_head", "b_tail",
     )
@@ -347,13 +350,25 @@ class LFM(base.MethodModel):
     def chained_step(self, train, meta):
         """Stages 1-3 with the chain rule applied level by level.
 
-        dL/da_i = -eta2/n <grad l_i(W2), v2> and dL/db_i = -eta1/n
-        <grad l_i(W1), v1>, with v2 = dL/dW2' and v1 = dL/dW1' (back through
-        a). `finite_difference` takes each mixed term <grad l_i, v> as
-        DARTS' central difference over all weights. `first_order` restricts
-        the mixed terms (and v1, v2) to the heads, where per-example
-        gradients have a closed form, so it costs no pass beyond the forward
-        and backward passes the steps make anyway.
+        With s the step scale (`FunctionalSGD.step_scale`) and J the clip's
+        Jacobian at each step's gradient (symmetric; the identity while the
+        clip does not bind):
+
+            dL/da_i = -s2/n <grad l_i(W2_start), J2 v2>,   v2 = dL/dW2',
+            dL/db_i = -s1/n <grad l_i(W1), J1 v1>,         v1 = dL/dW1',
+
+        where v1 comes back through a and, where W2 starts from W1' (PS
+        trunk, single network), also through W2's start:
+        (dW2'/dW2_start)^T v2 = v2 - s2 (wd v2 + H2 J2 v2).
+
+        `finite_difference` takes each mixed term <grad l_i, u> as DARTS'
+        central difference of the per-example losses, over all weights, and
+        H2 u forward-over-backward (a central difference of gradients is
+        biased at ReLU kinks; `hypergradients.hessian_vector_product`). `first_order` takes
+        everything over the heads only (the trunks' unrolled weights, and
+        the trunk gradients' share of each clip norm, held constant), where
+        per-example gradients and H2 have closed forms, so it costs no pass
+        beyond the forward and backward passes the steps make anyway.
         """
         head_only = self.config.hypergradient == "first_order"
         w1_step = self.learn(train)
@@ -361,18 +376,21 @@ class LFM(base.MethodModel):
         with tf.GradientTape() as tape:
             tape.watch(w1_watched)
             a = self.weigh_mistakes(train, meta, w1_step.params)
-        w2_step = self.relearn(train, tf.stop_gradient(a), w1_step.params)
+        fixed_a = tf.stop_gradient(a)
+        w2_start = self.w2_start(w1_step.params)
+        w2_step = self.relearn(train, fixed_a, w1_step.params)
         w2_watched = self._watched(self.w2, w2_step.params, head_only)
         with tf.GradientTape() as val_tape:
             val_tape.watch(w2_watched)
             val_loss = self.validate(meta, w2_step.params)
-        v2 = distribute.scale_gradients(
+        v2 = _dense(distribute.scale_gradients(
             self.loss_scale.gradient(val_tape, val_loss, w2_watched)
-        )
+        ), w2_watched)
+        u2 = self._through_clip(self.w2, self.w2_sgd, w2_step, v2, head_only)
         d_a = hypergradients.weight_hypergradient(
-            self._mixed_term(self.w2, self.w2_start(w1_step.params), w2_step,
-                             train, v2, head_only),
-            self.w2_sgd.step_scale(self.step_counter), tf.shape(a)[0],
+            self._mixed_term(self.w2, w2_start, w2_step, train, u2,
+                             head_only),
+            self._step_scale(self.w2_sgd, v2), tf.shape(a)[0],
         )
         encoder_vars = self.hyper_variables()[2:]
         grads = self.loss_scale.gradient(
@@ -382,13 +400,15 @@ class LFM(base.MethodModel):
         r_grad = grads[0]
         encoder_grads = grads[1:1 + len(encoder_vars)]
         # dL/dW1' summed over replicas' a, per replica's share of the batch.
-        v1 = distribute.replica_mean(
-            self._add_shared(grads[1 + len(encoder_vars):], v2, head_only)
-        )
+        v1 = distribute.replica_mean(self._add_shared(
+            grads[1 + len(encoder_vars):], v2, u2, w2_start, w2_step, train,
+            fixed_a, head_only))
+        v1 = _dense(v1, w1_watched)
+        u1 = self._through_clip(self.w1, self.sgd, w1_step, v1, head_only)
         d_b = hypergradients.weight_hypergradient(
-            self._mixed_term(self.w1, self.w1.current(), w1_step, train, v1,
+            self._mixed_term(self.w1, self.w1.current(), w1_step, train, u1,
                              head_only),
-            self.sgd.step_scale(self.step_counter), tf.shape(a)[0],
+            self._step_scale(self.sgd, v1), tf.shape(a)[0],
         )
         b_grad = tf.scatter_nd(
             tf.cast(train["index"], tf.int64)[:, None], d_b,
@@ -403,6 +423,27 @@ class LFM(base.MethodModel):
         """The W' tensors a direction is taken over: all, or the head's."""
         return list(params[learner.num_trunk_variables:] if head_only
                     else params)
+
+    def _step_scale(self, sgd, like):
+        """s of `sgd`'s step, in the float type of the directions `like`."""
+        return sgd.step_scale(self.step_counter,
+                              unroll.schedule_dtype(like[0].dtype))
+
+    def _through_clip(self, learner, sgd, step, direction, head_only):
+        """J_clip(g) v for the step's gradient g, over the watched weights.
+
+        The clip acts on all of the learner's gradients together (summed
+        over replicas, as `_unrolled_step` takes them). Over the heads only,
+        the trunk's part of v is zero and the trunk's part of J v is dropped
+        (the trunk does not move), which leaves the head block of J with
+        the full norm: the trunk gradients' share of it is held constant.
+        """
+        if sgd.clip_norm is None:
+            return direction
+        split = learner.num_trunk_variables if head_only else 0
+        full = [tf.zeros_like(p) for p in step.params[:split]] + list(
+            direction)
+        return sgd.clip_jvp(step.grads, full)[split:]
 
     def _mixed_term(self, learner, start, step, train, direction, head_only):
         """<grad l_i(W_start), v> for the training batch, float [B]."""
@@ -424,19 +465,59 @@ class LFM(base.MethodModel):
             unit_direction=self.loss_scale.enabled,
         )
 
-    def _add_shared(self, v1, v2, head_only):
-        """v1 plus v2 where W2 starts from W1' (PS trunk, single network).
+    def _add_shared(self, v1, v2, u2, w2_start, w2_step, train, a,
+                    head_only):
+        """v1 plus dL/dW2_start where W2 starts from W1' (PS trunk, single
+        network): v2 - s2 (wd v2 + H2 u2), u2 = J_clip v2, on the shared
+        weights (the momentum buffer is a constant of the step).
 
-        W1' then also reaches L_val through W2's start; to first order
-        dW2'/dW2_start = I, so v2 passes through unchanged.
+        Args:
+          v1: dL/dW1' through a, over W1's watched weights.
+          v2: dL/dW2', over W2's watched weights.
+          u2: J_clip(g2) v2, shaped like v2.
+          w2_start: W2's weights before its step.
+          w2_step: W2's unrolled `Step`.
+          train: the training batch.
+          a: float [B], W2's example weights (constants here).
+          head_only: `first_order`'s restriction to the heads.
+
+        Returns:
+          list shaped like v1.
         """
         w1_vars = self._watched(self.w1, self.w1.variables, head_only)
         w2_vars = self._watched(self.w2, self.w2.variables, head_only)
         w2_positions = {id(v): j for j, v in enumerate(w2_vars)}
+        if not any(id(v) in w2_positions for v in w1_vars):
+            return v1
+        pulled = self.w2_sgd.start_vjp(
+            v2, self._hessian_product(w2_start, w2_step, train, a, u2,
+                                      head_only),
+            self.step_counter, unroll.schedule_dtype(v2[0].dtype))
         return [
-            _add(g, v2[w2_positions[id(v)]]) if id(v) in w2_positions else g
+            _add(g, pulled[w2_positions[id(v)]]) if id(v) in w2_positions
+            else g
             for v, g in zip(w1_vars, v1)
         ]
+
+    def _hessian_product(self, start, step, train, a, direction, head_only):
+        """H2 u: the Hessian of W2's a-weighted training loss (the mean over
+        replicas, as its gradient is taken) at W2_start, along u."""
+        if head_only:
+            return distribute.replica_mean(
+                hypergradients.dense_head_hessian_vector_product(
+                    step.features, step.logits, a, direction))
+
+        def gradient(params):
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                losses, _ = self.w2.train_losses(params, train["image"],
+                                                 train["label"])
+                loss = tf.reduce_mean(tf.cast(a, losses.dtype) * losses)
+            return distribute.replica_mean(
+                self.loss_scale.gradient(tape, loss, params))
+
+        return hypergradients.hessian_vector_product(gradient, start,
+                                                     direction)
 
     def apply_hypergradients(self, grads):
         """One step of B's, r's and V's optimizers; B stays >= 0."""
@@ -545,8 +626,18 @@ class LFM(base.MethodModel):
             train["label"], w1_step.logits,
             loss=w1_step.loss, w1_loss=w1_step.loss, w2_loss=w2_step.loss,
             val_loss=val_loss, a_mean=tf.reduce_mean(a),
-            b_mean=tf.reduce_mean(b),
+            b_mean=tf.reduce_mean(b), **self.clip_fractions(w1_step, w2_step),
         )
+
+    def clip_fractions(self, w1_step, w2_step):
+        """Whether each learner's step clipped its gradient (1.0 or 0.0);
+        their means over a run are the share of clipped steps."""
+        return {
+            "w1_clip_fraction": tf.cast(
+                self.sgd.clip_binds(w1_step.grads), tf.float32),
+            "w2_clip_fraction": tf.cast(
+                self.w2_sgd.clip_binds(w2_step.grads), tf.float32),
+        }
 
     def _unrolled_step(self, learner, sgd, params, train, weights) -> Step:
         with tf.GradientTape() as tape:
@@ -561,13 +652,19 @@ class LFM(base.MethodModel):
             self.loss_scale.gradient(tape, loss, params))
         new_params, new_momenta = sgd.unroll(params, grads, self.step_counter)
         return Step(new_params, new_momenta, out.states, loss, out.logits,
-                    out.features)
+                    out.features, grads)
 
 
 def _unique(variables):
     """`variables` without repeats (W1 and W2 may share a trunk)."""
     seen = set()
     return [v for v in variables if not (id(v) in seen or seen.add(id(v)))]
+
+
+def _dense(values, like):
+    """`values` with None entries replaced by zeros shaped like `like`."""
+    return [tf.zeros_like(p) if v is None else tf.convert_to_tensor(v)
+            for v, p in zip(values, like)]
 
 
 def _add(a, b):

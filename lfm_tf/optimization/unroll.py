@@ -11,6 +11,16 @@ The rule (PyTorch's SGD, as in the LFM and DARTS reference code):
     d  = clip(g) + weight_decay * W
     m' = momentum * m + d
     W' = W - lr * m'                      (nesterov: W - lr * (d + momentum*m'))
+
+Its Jacobians, which the chained hypergradients contract with (m is the
+previous step's buffer, a constant of this step):
+
+    dW'/dg = -s * J_clip(g),   dW'/dW (g held) = (1 - s * weight_decay) I,
+    s = lr (nesterov: lr * (1 + momentum))   (`FunctionalSGD.step_scale`).
+
+J_clip is the identity while |g| <= clip_norm, else the symmetric
+(c/|g|)(I - g_hat g_hat^T) over all variables together
+(`clip_jacobian_vector_product`).
 """
 
 import math
@@ -61,7 +71,73 @@ def sgd_step(
     return new_params, new_momenta
 
 
-def cosine_learning_rate(base, step, total_steps, warmup_steps=0):
+def clip_binds(grads: Sequence[tf.Tensor], clip_norm: Optional[float]):
+    """Whether `sgd_step` rescales `grads` (global norm > clip_norm).
+
+    Args:
+      grads: the unclipped gradients g (None entries are zero).
+      clip_norm: the clip, or None for no clipping.
+
+    Returns:
+      bool scalar tensor (False without clipping).
+    """
+    if clip_norm is None:
+        return tf.constant(False)
+    present = [g for g in grads if g is not None]
+    norm = tf.linalg.global_norm(present)
+    # tf.constant, not tf.cast: a python float would go through float32.
+    return norm > tf.constant(clip_norm, norm.dtype)
+
+
+def clip_jacobian_vector_product(
+    grads: Sequence[tf.Tensor],
+    vectors: Sequence[tf.Tensor],
+    clip_norm: Optional[float],
+) -> List[tf.Tensor]:
+    """J_clip(g) v for `tf.clip_by_global_norm`, over all tensors together.
+
+    clip(g) = g * c / max(n, c), n = |g|. Where the clip binds (n > c),
+    J v = (c/n) (v - g_hat <g_hat, v>), g_hat = g / n; else J v = v. J is
+    symmetric, so this is also the transposed product the hypergradients
+    need (v = dL/dW' contracted with dW'/dg).
+
+    Args:
+      grads: g, the unclipped gradients, tensors of any shapes (None: zero).
+      vectors: v, shaped like `grads` (None: zero, returned as None).
+      clip_norm: c, or None (then `vectors` is returned unchanged).
+
+    Returns:
+      list shaped like `vectors`.
+    """
+    if clip_norm is None:
+        return list(vectors)
+    pairs = [(g, v) for g, v in zip(grads, vectors)
+             if g is not None and v is not None]
+    if not pairs:
+        return list(vectors)
+    norm = tf.linalg.global_norm([g for g, _ in pairs])
+    clip = tf.constant(clip_norm, norm.dtype)
+    binds = norm > clip
+    safe_norm = tf.where(binds, norm, tf.ones_like(norm))
+    along = tf.add_n([tf.reduce_sum(g * tf.cast(v, g.dtype))
+                      for g, v in pairs]) / safe_norm
+    # Identity where the clip does not bind: the factors are then (1, 0).
+    scale = tf.where(binds, clip / safe_norm, tf.ones_like(norm))
+    remove = tf.where(binds, along / safe_norm, tf.zeros_like(norm))
+    out = []
+    for g, v in zip(grads, vectors):
+        if v is None:
+            out.append(None)
+        elif g is None:
+            out.append(tf.cast(scale, v.dtype) * v)
+        else:
+            out.append(tf.cast(scale, v.dtype) * (
+                v - tf.cast(remove * g, v.dtype)))
+    return out
+
+
+def cosine_learning_rate(base, step, total_steps, warmup_steps=0,
+                         dtype=tf.float32):
     """Cosine decay to 0 over `total_steps`, after a linear warm-up.
 
     Args:
@@ -69,11 +145,13 @@ def cosine_learning_rate(base, step, total_steps, warmup_steps=0):
       step: current step, scalar tensor.
       total_steps: length of the schedule (python int, > 0).
       warmup_steps: linear warm-up length (python int).
+      dtype: the float type to compute in (float64 in float64 tests, so
+        that a learning rate such as 0.1 is not rounded to float32).
 
     Returns:
-      float32 scalar tensor.
+      scalar tensor of `dtype`.
     """
-    step = tf.cast(step, tf.float32)
+    step = tf.cast(step, dtype)
     total = float(max(total_steps, 1))
     progress = tf.clip_by_value(
         (step - warmup_steps) / max(total - warmup_steps, 1.0), 0.0, 1.0
@@ -139,14 +217,14 @@ class FunctionalSGD(keras.layers.Layer):
         ]
         self.built = True
 
-    def learning_rate(self, step):
-        """The scheduled step size at `step` (scalar tensor)."""
+    def learning_rate(self, step, dtype=tf.float32):
+        """The scheduled step size at `step` (scalar tensor of `dtype`)."""
         if self.schedule == "cosine":
             return cosine_learning_rate(
                 self.base_learning_rate, step, self.total_steps,
-                self.warmup_steps,
+                self.warmup_steps, dtype,
             )
-        return tf.constant(self.base_learning_rate, tf.float32)
+        return tf.constant(self.base_learning_rate, dtype)
 
     def unroll(self, params, grads, step, momenta=None):
         """W' and m' as tensors; differentiable w.r.t. params and grads.
@@ -161,7 +239,8 @@ class FunctionalSGD(keras.layers.Layer):
           (new_params, new_momenta) lists of tensors.
         """
         momenta = self.momenta if momenta is None else momenta
-        lr = tf.cast(self.learning_rate(step), params[0].dtype)
+        dtype = tf.as_dtype(params[0].dtype)
+        lr = tf.cast(self.learning_rate(step, schedule_dtype(dtype)), dtype)
         return sgd_step(
             params, grads, [tf.convert_to_tensor(m) for m in momenta], lr,
             self.momentum, self.weight_decay, self.nesterov, self.clip_norm,
@@ -174,7 +253,45 @@ class FunctionalSGD(keras.layers.Layer):
         for m, value in zip(self.momenta, new_momenta):
             m.assign(value)
 
-    def step_scale(self, step):
-        """dW'/dg = -scale * I (without clipping): lr, times (1+mu) if Nesterov."""
-        lr = self.learning_rate(step)
+    def step_scale(self, step, dtype=tf.float32):
+        """s of dW'/dg = -s * J_clip(g): lr, times (1 + mu) if Nesterov."""
+        lr = self.learning_rate(step, dtype)
         return lr * (1.0 + self.momentum) if self.nesterov else lr
+
+    def clip_binds(self, grads):
+        """Whether this optimizer's clip rescales `grads` (bool scalar)."""
+        return clip_binds(grads, self.clip_norm)
+
+    def clip_jvp(self, grads, vectors):
+        """J_clip(grads) `vectors` for this optimizer's clip (see
+        `clip_jacobian_vector_product`)."""
+        return clip_jacobian_vector_product(grads, vectors, self.clip_norm)
+
+    def start_vjp(self, vectors, hessian_clip_vectors, step,
+                  dtype=tf.float32):
+        """(dW'/dW)^T v = v - s (wd v + H J_clip v), the pull-back through
+        the step's start, given H J_clip v (H: Hessian of the loss whose
+        gradient g the step takes). The momentum buffer is a constant of
+        the step, so it adds nothing.
+
+        Args:
+          vectors: v = dL/dW', tensors.
+          hessian_clip_vectors: H J_clip(g) v, shaped alike.
+          step: step counter for the schedule.
+          dtype: float type of the step size.
+
+        Returns:
+          dL/dW through this step, list shaped like `vectors`.
+        """
+        scale = self.step_scale(step, dtype)
+        out = []
+        for v, hv in zip(vectors, hessian_clip_vectors):
+            if self.weight_decay:
+                hv = hv + self.weight_decay * v
+            out.append(v - tf.cast(scale, v.dtype) * hv)
+        return out
+
+
+def schedule_dtype(dtype):
+    """float64 for float64 weights, else float32 (the schedule's type)."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32

@@ -75,6 +75,48 @@ class DirectionalDerivativeTest(tf.test.TestCase, parameterized.TestCase):
             features, logits, labels, direction)
         self.assertAllClose(got, expected, rtol=1e-10)
 
+    def test_hessian_vector_products(self):
+        """Forward-over-backward and the dense head's closed form both equal
+        H u from the explicit Hessian."""
+        rng = np.random.default_rng(2)
+        features = tf.constant(rng.normal(size=(5, 4)))
+        labels = tf.constant([0, 2, 1, 1, 0])
+        weights = tf.constant(rng.uniform(0.5, 1.5, 5))
+        params = [tf.constant(rng.normal(size=(4, 3))),
+                  tf.constant(rng.normal(size=3))]
+        direction = [tf.constant(rng.normal(size=(4, 3))),
+                     tf.constant(rng.normal(size=3))]
+
+        def gradient(p):
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                logits = tf.matmul(features, p[0]) + p[1]
+                loss = tf.reduce_mean(
+                    weights * tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        labels, logits))
+            return tape.gradient(loss, p)
+
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(params)
+            grads = gradient(params)
+        # Rows of the explicit Hessian, contracted with u.
+        expected = []
+        for g in grads:
+            blocks = [tape.jacobian(g, p) for p in params]
+            expected.append(tf.add_n([
+                tf.tensordot(block, u, axes=len(u.shape))
+                for block, u in zip(blocks, direction)]))
+        del tape
+        logits = tf.matmul(features, params[0]) + params[1]
+        closed = hypergradients.dense_head_hessian_vector_product(
+            features, logits, weights, direction)
+        for g, e in zip(closed, expected):
+            self.assertAllClose(g, e, rtol=1e-10, atol=1e-14)
+        got = hypergradients.hessian_vector_product(gradient, params,
+                                                    direction)
+        for g, e in zip(got, expected):
+            self.assertAllClose(g, e, rtol=1e-10, atol=1e-14)
+
     def test_unknown_method(self):
         with self.assertRaisesRegex(ValueError, "directional derivative"):
             hypergradients.directional_derivative(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
 from lfm_tf.optimization import unroll
 
@@ -75,6 +76,67 @@ class FunctionalSgdTest(tf.test.TestCase):
     def test_warmup(self):
         lr = unroll.cosine_learning_rate(1.0, 0, 10, warmup_steps=4)
         self.assertAllClose(lr, 0.25)
+
+
+class StepJacobianTest(tf.test.TestCase, parameterized.TestCase):
+    """The Jacobians the chained hypergradients use, against autodiff of
+    `sgd_step` itself (float64)."""
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.default_rng(0)
+        self.grads = [tf.constant(rng.normal(size=3)),
+                      tf.constant(rng.normal(size=(2, 2)))]
+        self.vectors = [tf.constant(rng.normal(size=3)),
+                        tf.constant(rng.normal(size=(2, 2)))]
+
+    @parameterized.named_parameters(("binding", 0.05), ("not_binding", 50.0),
+                                    ("off", None))
+    def test_clip_jacobian_matches_autodiff(self, clip_norm):
+        with tf.autodiff.ForwardAccumulator(self.grads, self.vectors) as acc:
+            clipped = (self.grads if clip_norm is None else
+                       tf.clip_by_global_norm(self.grads, clip_norm)[0])
+            clipped = [tf.identity(c) for c in clipped]
+        expected = acc.jvp(clipped)
+        got = unroll.clip_jacobian_vector_product(self.grads, self.vectors,
+                                                  clip_norm)
+        for g, e in zip(got, expected):
+            self.assertAllClose(g, e, rtol=1e-12, atol=1e-14)
+        self.assertEqual(bool(unroll.clip_binds(self.grads, clip_norm)),
+                         clip_norm == 0.05)
+
+    @parameterized.named_parameters(("plain", 0.0, False, 0.0),
+                                    ("momentum_decay", 0.9, False, 0.05),
+                                    ("nesterov_decay", 0.9, True, 0.05))
+    def test_step_jacobians_match_autodiff(self, momentum, nesterov, decay):
+        """dW'/dg = -s J_clip and (dW'/dW)^T v = v - s (wd v + H J_clip v),
+        for W' = step(W, grad f(W)) with f(W) = sum(W^4) / 4 (H diagonal)."""
+        sgd = unroll.FunctionalSGD(0.3, momentum=momentum,
+                                   weight_decay=decay, nesterov=nesterov,
+                                   clip_norm=0.5)
+        params = self.grads
+        momenta = [0.1 * v for v in self.vectors]
+        with tf.GradientTape() as outer:
+            outer.watch(params)
+            with tf.GradientTape() as inner:
+                inner.watch(params)
+                loss = tf.add_n([tf.reduce_sum(p ** 4) for p in params]) / 4
+            grads = inner.gradient(loss, params)
+            new_params, _ = sgd.unroll(params, grads, 0, momenta)
+            pulled = tf.add_n([tf.reduce_sum(w * v) for w, v in
+                               zip(new_params, self.vectors)])
+        expected = outer.gradient(pulled, params)
+        self.assertTrue(bool(sgd.clip_binds(grads)))
+        clipped = sgd.clip_jvp(grads, self.vectors)
+        hessian = [3 * p ** 2 * u for p, u in zip(params, clipped)]
+        got = sgd.start_vjp(self.vectors, hessian, 0, tf.float64)
+        for g, e in zip(got, expected):
+            self.assertAllClose(g, e, rtol=1e-12, atol=1e-14)
+
+    def test_float64_learning_rate_is_not_rounded_to_float32(self):
+        sgd = unroll.FunctionalSGD(0.1, schedule="cosine", total_steps=10)
+        self.assertEqual(float(sgd.learning_rate(0, tf.float64)), 0.1)
+        self.assertEqual(sgd.step_scale(0, tf.float64).dtype, tf.float64)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class LFMDarts(lfm.LFM):
     """
 
     METRIC_NAMES = ("loss", "w1_loss", "w2_loss", "val_loss", "a_mean",
-                    "a_min", "a_max", "arch_entropy")
+                    "a_min", "a_max", "arch_entropy", "w1_clip_fraction",
+                    "w2_clip_fraction")
 
     def __init__(self, *args, architecture, search_config, **kwargs):
         super().__init__(*args, num_train=1, **kwargs)
@@ -125,7 +126,8 @@ class LFMDarts(lfm.LFM):
             train["label"], w1_step.logits, loss=w1_step.loss,
             w1_loss=w1_step.loss, w2_loss=w2_step.loss, val_loss=val_loss,
             a_mean=tf.reduce_mean(a),
-            arch_entropy=(darts.entropy(normal) + darts.entropy(reduce)) / 2)
+            arch_entropy=(darts.entropy(normal) + darts.entropy(reduce)) / 2,
+            **self.clip_fractions(w1_step, w2_step))
 
     def copy_w1_to_w2(self):
         """Starts W2 from W1 where they are separate (the authors do this

@@ -412,10 +412,21 @@ class LfmStageTest(tf.test.TestCase):
         logs = model.train_step({"train": train, "meta": meta})
         for key in ("w1_loss", "w2_loss", "val_loss", "a_mean", "b_mean",
                     "a_corrupted", "b_clean", "accuracy", "b_grad_norm",
-                    "b_alignment", "a_head", "a_tail", "b_head", "b_tail"):
+                    "b_alignment", "a_head", "a_tail", "b_head", "b_tail",
+                    "w1_clip_fraction", "w2_clip_fraction"):
             self.assertIn(key, logs)
             self.assertTrue(np.isfinite(float(logs[key])), key)
         self.assertEqual(int(model.step_counter.numpy()), 1)
+        # No clip here (_build): it never binds.
+        self.assertEqual(float(logs["w1_clip_fraction"]), 0.0)
+
+    def test_clip_fraction_counts_binding_steps(self):
+        model = _build(grad_clip_norm=0.05)
+        factory.compile_method(model, config_lib.ExperimentConfig())
+        train, meta = _batches()
+        logs = model.train_step({"train": train, "meta": meta})
+        self.assertEqual(float(logs["w1_clip_fraction"]), 1.0)
+        self.assertEqual(float(logs["w2_clip_fraction"]), 1.0)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ _ROWS = {
     "lfm_finite_difference": dict(method="lfm",
                                   hypergradient="finite_difference"),
     "lfm_first_order": dict(method="lfm", hypergradient="first_order"),
+    # The rows above compute the b_alignment diagnostic at step 0 (and
+    # every 50th), an exact backward through stage 1; this row shows the
+    # step and peak memory without it.
+    "lfm_first_order_nodiag": dict(method="lfm", hypergradient="first_order",
+                                   diagnostics_every=0),
     "lfm_exact_ps": dict(method="lfm", hypergradient="exact",
                          encoder="shared"),
     "lfm_finite_difference_ps": dict(method="lfm",

@@ -89,9 +89,9 @@ class LFMDarts(lfm.LFM):
         return self.finish_step(train["label"], step.logits, finite=finite,
                                 loss=step.loss, w1_loss=step.loss)
 
-    def diagnose(self, train, meta, grads):
+    def diagnose(self, train, meta, grads, w1_step):
         """None here: B's diagnostics concern per-example weights."""
-        del train, meta, grads
+        del train, meta, grads, w1_step
 
     def learn(self, train):
         """Stage 1: W1' from the unweighted training loss under α."""

@@ -297,14 +297,21 @@ class LfmObjectiveTest(tf.test.TestCase):
         self.assertAllClose(exported(images), (w1 + w2) / 2)
 
 
-class LfmDiagnosticsTest(tf.test.TestCase):
+class LfmDiagnosticsTest(tf.test.TestCase, parameterized.TestCase):
 
     def setUp(self):
         super().setUp()
         self.enterContext(testing.float64())
 
-    def test_alignment_is_the_cosine_with_w1_validation_gradient(self):
-        model = _build(diagnostics_every=2)
+    @parameterized.named_parameters(
+        ("no_clip", {}),
+        # The chain rule of `w1_validation_gradient` passes the clip's
+        # Jacobian; a larger step keeps the difference above round-off.
+        ("clip_binds", {"grad_clip_norm": 0.05}, 1e-4),
+    )
+    def test_alignment_is_the_cosine_with_w1_validation_gradient(
+            self, overrides, h=1e-5):
+        model = _build(diagnostics_every=2, **overrides)
         factory.compile_method(model, config_lib.ExperimentConfig())
         train, meta = _batches()
         b_grad = model.hypergradients(train, meta)[-1][0].numpy()
@@ -318,7 +325,7 @@ class LfmDiagnosticsTest(tf.test.TestCase):
         direct = np.zeros(NUM_TRAIN)
         for k in train["index"].numpy():
             direct[k] = testing.central_difference(
-                w1_validation_loss, model.example_weight_table.values, k)
+                w1_validation_loss, model.example_weight_table.values, k, h)
         expected = b_grad @ direct / (
             np.linalg.norm(b_grad) * np.linalg.norm(direct))
         logs = model.train_step({"train": train, "meta": meta})

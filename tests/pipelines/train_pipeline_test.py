@@ -296,9 +296,12 @@ class CommandLineTest(tf.test.TestCase):
         self.assertFalse(os.path.exists(workdir))
 
     def test_unknown_choice(self):
+        # Choice fields are absl enums: refused at parse time, naming the
+        # flag, the value and the allowed ones.
         result = self._run("--method=magic", "--workdir=/tmp/x")
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("method='magic'", result.stderr)
+        self.assertIn("--method=magic", result.stderr)
+        self.assertIn("erm|focal|class_balanced", result.stderr)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,37 @@ def central_difference(objective, variable, position, h=1e-5):
     minus = float(objective())
     variable.assign(original)
     return (plus - minus) / (2 * h)
+
+
+def tiny_saved_model(model_name, class_names, side=8):
+    """Exports an untrained small CNN as `<tmp>/<model_name>/1`, the layout
+    TF Serving reads; the serving tests' shared fixture.
+
+    Args:
+      model_name: the model's folder name.
+      class_names: one name per class.
+      side: image side; images are [side, side, 3] uint8.
+
+    Returns:
+      The version folder's path.
+    """
+    # pylint: disable=g-import-not-at-top
+    import os
+    import tempfile
+
+    from lfm_tf import config as config_lib
+    from lfm_tf import export
+    from lfm_tf.data import pipeline
+    from lfm_tf.models import backbones
+    # pylint: enable=g-import-not-at-top
+
+    keras.utils.set_random_seed(0)
+    classifier = backbones.build_backbone(
+        config_lib.ModelConfig(backbone="small_cnn", width=4),
+        len(class_names), (side, side, 3))
+    path = os.path.join(tempfile.mkdtemp(), model_name, "1")
+    export.write_saved_model(
+        classifier, path, class_names=class_names,
+        preprocessing=pipeline.Preprocessing(None, (0.5,) * 3, (0.25,) * 3),
+        input_shape=(side, side, 3), top_k=2)
+    return path

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -24,7 +23,6 @@ import urllib.request
 from unittest import mock
 
 import grpc
-import keras
 import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
@@ -32,10 +30,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from lfm_tf import config as config_lib
-from lfm_tf import export
-from lfm_tf.data import pipeline
-from lfm_tf.models import backbones
+from lfm_tf import testing
 from serving import client as client_lib
 from serving import local_server
 
@@ -197,16 +192,7 @@ class ServingClientTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        keras.utils.set_random_seed(0)
-        classifier = backbones.build_backbone(
-            config_lib.ModelConfig(backbone="small_cnn", width=4),
-            len(NAMES), (8, 8, 3))
-        path = os.path.join(tempfile.mkdtemp(), MODEL, "1")
-        export.write_saved_model(
-            classifier, path, class_names=NAMES,
-            preprocessing=pipeline.Preprocessing(None, (0.5,) * 3,
-                                                 (0.25,) * 3),
-            input_shape=(8, 8, 3), top_k=2)
+        path = testing.tiny_saved_model(MODEL, NAMES)
         cls.model = _Model(path)
         cls.images = np.random.default_rng(0).integers(
             0, 256, (3, 8, 8, 3), dtype=np.uint8)

@@ -7,24 +7,19 @@ failure of the server itself; never a dropped connection.
 
 import base64
 import json
-import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from unittest import mock
 
 import grpc
-import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from lfm_tf import config as config_lib
 from lfm_tf import export
-from lfm_tf.data import pipeline
-from lfm_tf.models import backbones
+from lfm_tf import testing
 from serving import local_server
 
 NAMES = ["cat", "dog", "bird"]
@@ -47,16 +42,7 @@ class LocalServerTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        keras.utils.set_random_seed(0)
-        classifier = backbones.build_backbone(
-            config_lib.ModelConfig(backbone="small_cnn", width=4),
-            len(NAMES), (8, 8, 3))
-        path = os.path.join(tempfile.mkdtemp(), MODEL, "1")
-        export.write_saved_model(
-            classifier, path, class_names=NAMES,
-            preprocessing=pipeline.Preprocessing(None, (0.5,) * 3,
-                                                 (0.25,) * 3),
-            input_shape=(8, 8, 3), top_k=2)
+        path = testing.tiny_saved_model(MODEL, NAMES)
         cls.backend = local_server.SavedModelBackend(path, MODEL)
         cls.rest = local_server.start_rest(cls.backend)
         cls.base = f"http://127.0.0.1:{cls.rest.server_address[1]}"

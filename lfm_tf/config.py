@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 SOURCES = ("digits", "folder", "tfds", "arrays")
 NOISE_TYPES = ("none", "uniform", "flip", "flip2")
-BACKBONES = ("small_cnn", "resnet32", "wrn28_10")
+BACKBONES = ("small_cnn", "resnet8", "resnet20", "resnet32", "wrn28_10")
 ENCODERS = ("small_cnn", "resnet18", "shared")
 SIMILARITIES = ("dot", "cosine", "l2")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order")
@@ -20,6 +20,7 @@ WEIGHTING_MODES = ("by_id", "positional")
 EVALUATED_LEARNERS = ("w1", "w2", "ensemble")
 LFM_OBJECTIVES = ("paper", "shared", "both")
 MISTAKE_WEIGHTINGS = ("learned", "none")
+MISTAKE_SIGNALS = ("example", "class")
 WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
 LOSSES = ("ce", "focal", "logit_adjusted", "balanced_softmax", "ldam", "gce")
 # The methods whose every learner step takes its per-example loss from
@@ -54,6 +55,7 @@ CHOICES = {
     "evaluate_learner": EVALUATED_LEARNERS,
     "lfm_objective": LFM_OBJECTIVES,
     "mistake_weighting": MISTAKE_WEIGHTINGS,
+    "mistake_signal": MISTAKE_SIGNALS,
     "weight_normalization": WEIGHT_NORMALIZATIONS,
     "loss": LOSSES,
     "dbl_validation": DBL_VALIDATION,
@@ -222,7 +224,8 @@ class ModelConfig:
     """The classifier backbone (W1 and W2 share the architecture).
 
     Attributes:
-      backbone: `small_cnn`, `resnet32` (CIFAR ResNet-32) or `wrn28_10`.
+      backbone: `small_cnn`, `resnet8`, `resnet20`, `resnet32` (the CIFAR
+        ResNets of depth 8, 20, 32) or `wrn28_10`.
       width: base channel count of `small_cnn`; widen factor of WRN.
       depth: depth of WRN (28 for WRN-28-10).
       dropout: dropout rate inside WRN blocks.
@@ -338,6 +341,15 @@ class MethodConfig:
         `hypergradient=exact`.
       mistake_weighting: `learned` (a from W1''s mistakes, the paper) or
         `none` (a = 1: the ablation with no mistakes at all).
+      mistake_signal: u as W1''s mistake on each meta example (`example`,
+        the paper) or on its class, the mean of u over the meta batch's
+        examples of that label (`class`): a class-level error rate, less
+        noisy than one example's loss, which is what a long tail needs.
+      mistake_temperature: tau of a_i = sigmoid(s_i / tau), s_i the
+        paper's sum_j x_ij z_ij u_j r_j (1.0, the paper). Below 1 it widens
+        a's range over the same mistakes: once W1 fits, u is ~0.1-0.5 and
+        a stays near sigmoid(0) = 0.5 for every example.
+      weighting_init: r's initial value (1.0, the paper's r = 1).
       diagnostics_every: every this many steps LFM-DR logs `b_alignment`,
         the cosine of B's hypergradient with grad_B L_val(W1') (one extra
         pass through stage 1); 0 turns it off.
@@ -401,6 +413,9 @@ class MethodConfig:
     evaluate_learner: str = "w1"
     lfm_objective: str = "paper"
     mistake_weighting: str = "learned"
+    mistake_signal: str = "example"
+    mistake_temperature: float = 1.0
+    weighting_init: float = 1.0
     diagnostics_every: int = 50
     focal_gamma: float = 2.0
     class_balanced_beta: float = 0.9999
@@ -484,6 +499,9 @@ class MethodConfig:
         _check_choice("lfm_objective", self.lfm_objective, LFM_OBJECTIVES)
         _check_choice("mistake_weighting", self.mistake_weighting,
                       MISTAKE_WEIGHTINGS)
+        _check_choice("mistake_signal", self.mistake_signal,
+                      MISTAKE_SIGNALS)
+        _check_positive("mistake_temperature", self.mistake_temperature)
         _check_positive("diagnostics_every", self.diagnostics_every,
                         allow_zero=True)
         if self.lfm_objective != "paper" and self.hypergradient != "exact":

@@ -106,7 +106,7 @@ class LFM(base.MethodModel):
             num_train, 1.0, non_negative=True, name="example_weight_table"
         )
         self.weighting_table = example_weights.WeightTable(
-            num_weighting, 1.0, name="weighting_table"
+            num_weighting, config.weighting_init, name="weighting_table"
         )
         # Clipped in `apply_weighting_step`, on the gradient summed over
         # replicas (Keras' `global_clipnorm` would clip each replica's share).
@@ -268,6 +268,9 @@ class LFM(base.MethodModel):
                     f"set --meta_batch_size={self.weighting_table.size} or "
                     "--weighting_mode=by_id."
                 )
+        if self.config.mistake_signal == "class":
+            w1_val_losses = mistake_weighting.class_mean_losses(
+                w1_val_losses, meta["label"], self.num_classes)
         a = mistake_weighting.example_weights_a(
             mistake_weighting.similarity(
                 train_embed, val_embed, self.config.similarity
@@ -280,6 +283,7 @@ class LFM(base.MethodModel):
             use_similarity=self.config.use_similarity,
             use_label_mask=self.config.use_label_mask,
             use_mistakes=self.config.use_mistakes,
+            temperature=self.config.mistake_temperature,
         )
         return mistake_weighting.normalize_weights(
             a, self.config.weight_normalization

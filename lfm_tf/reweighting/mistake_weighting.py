@@ -3,11 +3,12 @@
     x_ij = softmax_j(sim(V(x_i), V(x_val_j)))       similarity
     z_ij = 1[y_i = y_val_j]                          same_label_mask
     u_j  = CE(f(x_val_j; W1'), y_val_j)              w1_val_losses
-    a_i  = sigmoid(sum_j x_ij z_ij u_j r_j)          example_weights_a
+    a_i  = sigmoid(sum_j x_ij z_ij u_j r_j / tau)    example_weights_a
 
 With r = 1 every argument is >= 0, so a starts in [0.5, 1): a training
 example is up-weighted when validation examples of its class that resemble it
-were mispredicted by W1' (lfm_reference §2.1).
+were mispredicted by W1' (lfm_reference §2.1). tau = 1 is the paper;
+`class_mean_losses` optionally replaces u_j by its class's mean.
 """
 
 import tensorflow as tf
@@ -78,11 +79,29 @@ def per_example_cross_entropy(labels, logits):
     )
 
 
+def class_mean_losses(w1_val_losses_u, val_labels, num_classes):
+    """u_j replaced by the mean of u over the batch's examples of y_j.
+
+    Args:
+      w1_val_losses_u: float [n_val].
+      val_labels: int [n_val] in [0, num_classes).
+      num_classes: C.
+
+    Returns:
+      float [n_val]; equal entries within a label.
+    """
+    labels = tf.cast(val_labels, tf.int32)
+    means = tf.math.unsorted_segment_mean(w1_val_losses_u, labels,
+                                          num_classes)
+    return tf.gather(means, labels)
+
+
 def example_weights_a(
     similarity_x, same_label_z, w1_val_losses_u, weighting_r,
     use_similarity=True, use_label_mask=True, use_mistakes=True,
+    temperature=1.0,
 ):
-    """a_i = sigmoid(sum_j x_ij z_ij u_j r_j), with ablations.
+    """a_i = sigmoid(sum_j x_ij z_ij u_j r_j / tau), with ablations.
 
     A dropped factor (paper Fig. 4 ablations) is replaced by ones of the same
     shape, so the remaining factors keep their meaning.
@@ -95,6 +114,7 @@ def example_weights_a(
       use_similarity: keep x.
       use_label_mask: keep z.
       use_mistakes: keep u.
+      temperature: tau > 0 (1.0: the paper).
 
     Returns:
       float [n_train] in (0, 1).
@@ -106,7 +126,7 @@ def example_weights_a(
         terms *= same_label_z
     if use_mistakes:
         terms *= w1_val_losses_u[None, :]
-    return tf.sigmoid(tf.linalg.matvec(terms, weighting_r))
+    return tf.sigmoid(tf.linalg.matvec(terms, weighting_r) / temperature)
 
 
 def normalize_weights(weights, mode="none"):

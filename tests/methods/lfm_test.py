@@ -161,6 +161,11 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
         ("both_objective", {"lfm_objective": "both"}),
         ("both_parameter_sharing", {"lfm_objective": "both",
                                     "encoder": "shared"}),
+        # The mistake term's knobs (README, "The mistake term").
+        ("class_mistakes_temperature", {"mistake_signal": "class",
+                                        "mistake_temperature": 0.3,
+                                        "weighting_init": 2.0,
+                                        "single_network": True}),
         # Clipping shrinks the gradients ~100x: a larger step keeps the
         # central difference above round-off, at ~1e-6 truncation error.
         ("with_clipping", {"grad_clip_norm": 0.05}, 1e-4, 1e-5),

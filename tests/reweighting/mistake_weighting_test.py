@@ -90,6 +90,23 @@ class WeightsTest(tf.test.TestCase):
         no_u = mw.example_weights_a(x, z, u, r, use_mistakes=False)
         self.assertAllClose(no_u, tf.sigmoid([0.25]))
 
+    def test_temperature_divides_the_argument(self):
+        x = tf.constant([[0.25, 0.75]])
+        z = tf.constant([[1.0, 1.0]])
+        u = tf.constant([2.0, 4.0])
+        r = tf.constant([1.0, -0.5])
+        # s = 0.25*2*1 + 0.75*4*(-0.5) = -1.
+        self.assertAllClose(mw.example_weights_a(x, z, u, r),
+                            tf.sigmoid([-1.0]))
+        self.assertAllClose(mw.example_weights_a(x, z, u, r, temperature=0.25),
+                            tf.sigmoid([-4.0]))
+
+    def test_class_mean_losses(self):
+        u = tf.constant([1.0, 3.0, 0.5, 2.0])
+        labels = tf.constant([2, 2, 0, 2])
+        self.assertAllClose(mw.class_mean_losses(u, labels, 3),
+                            [2.0, 2.0, 0.5, 2.0])
+
     def test_per_example_cross_entropy(self):
         logits = tf.constant([[0.0, 0.0], [2.0, 0.0]])
         ce = mw.per_example_cross_entropy(tf.constant([0, 1]), logits)

@@ -5,13 +5,17 @@ head (one Dense layer, features -> logits). Keeping the two apart lets two
 learners share a trunk and keep separate heads (PS), and lets the engine
 evaluate trunk and head at unrolled weights with `stateless_call`.
 
-Three trunks, chosen by `ModelConfig.backbone`:
+The trunks, chosen by `ModelConfig.backbone`:
 
 * `small_cnn`: three Conv-BN-ReLU layers (the last two strided) and global
   average pooling; for tests, CPU runs and the 8x8 digits.
 * `resnet32`: the CIFAR ResNet-32 of He et al. 2016 (sec. 4.2): 3 stages of
   5 basic blocks with 16/32/64 channels and parameter-free option-A
   shortcuts, 0.4644M parameters with a 10-way head (the paper's 0.46M).
+* `resnet8`, `resnet20`: the same family at n = 1 and n = 3 blocks per
+  stage (depth 6n + 2); 75,290 and 269,722 parameters with a 10-way head
+  (He et al.'s ResNet-20: 0.27M). ResNet-8 is the size a 2-core CPU trains
+  for ~30 epochs of CIFAR-10 at 32x32 in a session.
 * `wrn28_10`: the pre-activation Wide ResNet of Zagoruyko & Komodakis 2016,
   depth `ModelConfig.depth`, 36.48M parameters for WRN-28-10 (10 classes).
 
@@ -279,7 +283,7 @@ def cifar_resnet_trunk(depth, input_shape, width=16, shortcut="A",
     then global average pooling. ResNet-32 is n = 5.
 
     Args:
-      depth: 6n + 2 (20, 32, 44, 56, 110).
+      depth: 6n + 2 (8, 20, 32, 44, 56, 110).
       input_shape: (H, W, C).
       width: channels of the first stage (16 in the paper).
       shortcut: `A` (zero-padding identity, the paper's CIFAR choice) or `B`
@@ -391,6 +395,10 @@ def wrn_widen_factor(config) -> int:
     )
 
 
+# The CIFAR ResNet choices of `ModelConfig.backbone` and their depths 6n + 2.
+_CIFAR_RESNET_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32}
+
+
 def build_trunk(config, input_shape, widen_factor: Optional[int] = None):
     """The trunk named by `config.backbone`.
 
@@ -408,15 +416,17 @@ def build_trunk(config, input_shape, widen_factor: Optional[int] = None):
     input_shape = tuple(int(d) for d in input_shape)
     if config.backbone == "small_cnn":
         return small_cnn_trunk(config.width, input_shape)
-    if config.backbone == "resnet32":
-        return cifar_resnet_trunk(32, input_shape, shortcut="A")
+    if config.backbone in _CIFAR_RESNET_DEPTHS:
+        return cifar_resnet_trunk(_CIFAR_RESNET_DEPTHS[config.backbone],
+                                  input_shape, shortcut="A")
     if config.backbone == "wrn28_10":
         factor = widen_factor or wrn_widen_factor(config)
         return wide_resnet_trunk(config.depth, factor, input_shape,
                                  config.dropout)
     raise ValueError(
         f"Received backbone={config.backbone!r}; expected one of "
-        "['small_cnn', 'resnet32', 'wrn28_10']. Set --backbone accordingly."
+        "['small_cnn', 'resnet8', 'resnet20', 'resnet32', 'wrn28_10']. "
+        "Set --backbone accordingly."
     )
 
 

@@ -14,6 +14,7 @@ from lfm_tf.models import backbones
 from lfm_tf.models import layers
 
 SMALL_CNN = config_lib.ModelConfig(backbone="small_cnn", width=4)
+RESNET8 = config_lib.ModelConfig(backbone="resnet8")
 RESNET32 = config_lib.ModelConfig(backbone="resnet32")
 # WRN-10-1 with dropout: the WRN code path at a test-sized scale.
 TINY_WRN = config_lib.ModelConfig(backbone="wrn28_10", depth=10, width=1,
@@ -75,7 +76,8 @@ def _hessian_vector_error(model, images, labels):
 class BackboneTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters(
-        (SMALL_CNN, 8, 16), (SMALL_CNN, 32, 16), (RESNET32, 8, 64),
+        (SMALL_CNN, 8, 16), (SMALL_CNN, 32, 16), (RESNET8, 32, 64),
+        (RESNET32, 8, 64),
         (RESNET32, 32, 64), (TINY_WRN, 8, 64), (TINY_WRN, 32, 64),
     )
     def test_shapes_and_dtypes(self, config, side, feature_dim):
@@ -99,6 +101,25 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
             for l in model.trunk.layers), 2)
         projected = backbones.cifar_resnet_trunk(32, (8, 8, 3), shortcut="B")
         self.assertEqual(_count(projected.trainable_variables) + 650, 466_906)
+
+    @parameterized.parameters(("resnet8", 8, 75_290),
+                              ("resnet20", 20, 269_722),
+                              ("resnet32", 32, 464_154))
+    def test_cifar_resnet_choices(self, backbone, depth, parameters):
+        model = backbones.build_backbone(
+            config_lib.ModelConfig(backbone=backbone), 10, (32, 32, 3))
+        # Depth 6n + 2 counts the stem, 6n block convolutions and the head;
+        # option-A shortcuts add no convolution, so the trunk has 6n + 1.
+        convs = [l for l in model.trunk.layers
+                 if isinstance(l, keras.layers.Conv2D)]
+        self.assertLen(convs, depth - 1)
+        self.assertEqual(sum(
+            isinstance(l, backbones.SubsampleZeroPad)
+            for l in model.trunk.layers), 2)
+        # He et al. 2016, Table 6: ResNet-20 0.27M, ResNet-32 0.46M.
+        self.assertEqual(_count(model.trainable_variables), parameters)
+        self.assertEqual(model.feature_dim, 64)
+        config_lib.ModelConfig(backbone=backbone).validate()
 
     def test_wide_resnet_parameter_counts(self):
         # Zagoruyko & Komodakis 2016, Table 1/2: WRN-28-10 36.5M and
@@ -238,9 +259,16 @@ class BackboneTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(out[..., 4:], tf.zeros([2, 3, 3, 2]))
 
     def test_bad_choices(self):
-        with self.assertRaisesRegex(ValueError, "backbone='vgg'"):
+        with self.assertRaisesRegex(ValueError,
+                                    "backbone='vgg'.*'resnet8', 'resnet20'"):
             backbones.build_backbone(
                 config_lib.ModelConfig(backbone="vgg"), 3, (8, 8, 3))
+        # Only 8, 20 and 32 are choices, though the trunk takes any 6n + 2.
+        with self.assertRaisesRegex(ValueError, "backbone='resnet44'"):
+            backbones.build_trunk(
+                config_lib.ModelConfig(backbone="resnet44"), (8, 8, 3))
+        with self.assertRaisesRegex(ValueError, "backbone"):
+            config_lib.ModelConfig(backbone="resnet44").validate()
         with self.assertRaisesRegex(ValueError, "depth=30.*6n\\+2"):
             backbones.cifar_resnet_trunk(30, (8, 8, 3))
         with self.assertRaisesRegex(ValueError, "depth=27.*6n\\+4"):

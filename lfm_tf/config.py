@@ -349,6 +349,10 @@ class MethodConfig:
         paper's sum_j x_ij z_ij u_j r_j (1.0, the paper). Below 1 it widens
         a's range over the same mistakes: once W1 fits, u is ~0.1-0.5 and
         a stays near sigmoid(0) = 0.5 for every example.
+      mistake_centering: take s_i relative to its batch mean,
+        a_i = sigmoid((s_i - mean s) / tau): the paper's s >= 0 keeps a in
+        [0.5, 1) (at most 2x between examples, whatever tau); centred, a
+        spans (0, 1) around the batch's typical mistake.
       weighting_init: r's initial value (1.0, the paper's r = 1).
       diagnostics_every: every this many steps LFM-DR logs `b_alignment`,
         the cosine of B's hypergradient with grad_B L_val(W1') (one extra
@@ -415,6 +419,7 @@ class MethodConfig:
     mistake_weighting: str = "learned"
     mistake_signal: str = "example"
     mistake_temperature: float = 1.0
+    mistake_centering: bool = False
     weighting_init: float = 1.0
     diagnostics_every: int = 50
     focal_gamma: float = 2.0

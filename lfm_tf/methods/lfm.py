@@ -284,6 +284,7 @@ class LFM(base.MethodModel):
             use_label_mask=self.config.use_label_mask,
             use_mistakes=self.config.use_mistakes,
             temperature=self.config.mistake_temperature,
+            centered=self.config.mistake_centering,
         )
         return mistake_weighting.normalize_weights(
             a, self.config.weight_normalization

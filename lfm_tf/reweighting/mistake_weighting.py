@@ -99,9 +99,15 @@ def class_mean_losses(w1_val_losses_u, val_labels, num_classes):
 def example_weights_a(
     similarity_x, same_label_z, w1_val_losses_u, weighting_r,
     use_similarity=True, use_label_mask=True, use_mistakes=True,
-    temperature=1.0,
+    temperature=1.0, centered=False,
 ):
     """a_i = sigmoid(sum_j x_ij z_ij u_j r_j / tau), with ablations.
+
+    Centred, the sum s_i is taken relative to its mean over the (global)
+    batch, a_i = sigmoid((s_i - mean_k s_k) / tau): with r >= 0 the paper's
+    s_i >= 0 keeps a in [0.5, 1), at most a factor 2 between examples
+    whatever tau; centred, examples below the batch's mean mistake fall
+    towards 0 and those above rise towards 1.
 
     A dropped factor (paper Fig. 4 ablations) is replaced by ones of the same
     shape, so the remaining factors keep their meaning.
@@ -115,6 +121,7 @@ def example_weights_a(
       use_label_mask: keep z.
       use_mistakes: keep u.
       temperature: tau > 0 (1.0: the paper).
+      centered: subtract the batch mean of s (False: the paper).
 
     Returns:
       float [n_train] in (0, 1).
@@ -126,7 +133,12 @@ def example_weights_a(
         terms *= same_label_z
     if use_mistakes:
         terms *= w1_val_losses_u[None, :]
-    return tf.sigmoid(tf.linalg.matvec(terms, weighting_r) / temperature)
+    scores = tf.linalg.matvec(terms, weighting_r)
+    if centered:
+        total, count = distribute.replica_sum([
+            tf.reduce_sum(scores), tf.cast(tf.size(scores), scores.dtype)])
+        scores -= total / count
+    return tf.sigmoid(scores / temperature)
 
 
 def normalize_weights(weights, mode="none"):

@@ -164,6 +164,7 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
         # The mistake term's knobs (README, "The mistake term").
         ("class_mistakes_temperature", {"mistake_signal": "class",
                                         "mistake_temperature": 0.3,
+                                        "mistake_centering": True,
                                         "weighting_init": 2.0,
                                         "single_network": True}),
         # Clipping shrinks the gradients ~100x: a larger step keeps the

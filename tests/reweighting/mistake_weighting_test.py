@@ -101,6 +101,16 @@ class WeightsTest(tf.test.TestCase):
         self.assertAllClose(mw.example_weights_a(x, z, u, r, temperature=0.25),
                             tf.sigmoid([-4.0]))
 
+    def test_centering_subtracts_the_batch_mean(self):
+        x = tf.constant([[1.0], [0.5], [0.0]])
+        z = tf.ones([3, 1])
+        u = tf.constant([2.0])
+        r = tf.ones(1)
+        # s = [2, 1, 0], mean 1.
+        self.assertAllClose(
+            mw.example_weights_a(x, z, u, r, centered=True, temperature=0.5),
+            tf.sigmoid([2.0, 0.0, -2.0]))
+
     def test_class_mean_losses(self):
         u = tf.constant([1.0, 3.0, 0.5, 2.0])
         labels = tf.constant([2, 2, 0, 2])

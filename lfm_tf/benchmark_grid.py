@@ -428,11 +428,127 @@ def _read_json(path):
         return json.load(f)
 
 
+def tail_classes(class_counts):
+    """Tail classes: training count strictly below the median count.
+
+    The rule of `reweighting.diagnostics.tail_class_mask`, by which LFM-DR
+    tracks a and B head vs tail; restated because that module imports
+    TensorFlow and a report must start without it.
+
+    Args:
+      class_counts: int [C], training examples per (observed) class.
+
+    Returns:
+      bool [C]; all False on balanced counts.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    return counts < np.median(counts)
+
+
+def head_tail_accuracy(per_class, class_counts):
+    """(head, tail) test accuracy of one run.
+
+    Each is the mean of the per-class test accuracies over its classes
+    (class-averaged, like the per-class plot), tail as in `tail_classes`.
+
+    Args:
+      per_class: [C] test accuracy per class; None for a class absent from
+        the test set (left out of the mean).
+      class_counts: int [C], the run's training examples per class.
+
+    Returns:
+      (head, tail) floats; None for a group with no class with a value.
+    """
+    accuracy = np.array([np.nan if v is None else v for v in per_class],
+                        dtype=np.float64)
+    tail = tail_classes(class_counts)
+
+    def mean(mask):
+        values = accuracy[mask]
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if values.size else None
+
+    return mean(~tail), mean(tail)
+
+
+# LFM-DR's last-epoch means of a (mistake term) and B (example weight) by
+# group: clean / corrupted under label noise, head / tail under a long tail.
+_GROUPS = (("clean", "corrupted"), ("head", "tail"))
+DIAGNOSTIC_FIELDS = ("mean_b_alignment",) + tuple(
+    f"last_epoch_{weight}_{group}" for pair in _GROUPS
+    for weight in ("a", "b") for group in pair)
+_REPORT_FIELDS = ("test_accuracy_head", "test_accuracy_tail"
+                  ) + DIAGNOSTIC_FIELDS
+
+
+def _imbalanced(config):
+    return bool(config) and config["data"]["imbalance_factor"] > 1
+
+
+def alignment_curve(metrics, config):
+    """b_alignment per epoch of one run, or None where it was not computed.
+
+    A run tracks it as an epoch's latest value; with `diagnostics_every=0`
+    it is never computed and the tracked zeros mean nothing.
+    """
+    per_epoch = metrics.get("train_metrics_per_epoch") or {}
+    method = (config or {}).get("method", {})
+    if "b_alignment" not in per_epoch or not method.get(
+            "diagnostics_every", 1):
+        return None
+    return [float(v) for v in per_epoch["b_alignment"]]
+
+
+def lfm_diagnostics(metrics, config):
+    """`DIAGNOSTIC_FIELDS` of one run; {} when its metrics have no
+    b_alignment (not an LFM-DR run).
+
+    Clean / corrupted values are None without label noise (there the
+    corrupted means are empty, 0) and head / tail ones None without a long
+    tail (noise alone makes near-equal counts fall either side of the
+    median).
+    """
+    per_epoch = metrics.get("train_metrics_per_epoch") or {}
+    if "b_alignment" not in per_epoch:
+        return {}
+    curve = alignment_curve(metrics, config)
+    shown = {"clean": (metrics.get("train_noise_rate") or 0) > 0,
+             "head": _imbalanced(config)}
+    values = {"mean_b_alignment": float(np.mean(curve)) if curve else None}
+    for pair in _GROUPS:
+        for weight in ("a", "b"):
+            for group in pair:
+                series = per_epoch.get(f"{weight}_{group}")
+                values[f"last_epoch_{weight}_{group}"] = (
+                    float(series[-1]) if shown[pair[0]] and series else None)
+    return values
+
+
+def _report_fields(cell_dir, metrics):
+    """The run's head / tail test accuracy and LFM-DR diagnostics."""
+    config = _read_json(os.path.join(cell_dir, "config.json"))
+    fields = dict.fromkeys(_REPORT_FIELDS)
+    fields.update(lfm_diagnostics(metrics, config))
+    per_class = metrics.get("test_accuracy_per_class")
+    splits = _load_npz(cell_dir, "splits.npz") if (
+        per_class and _imbalanced(config)) else None
+    if splits is not None:
+        # The counts the run trained on (observed labels), as train_lib
+        # hands them to the methods.
+        counts = np.bincount(splits["train_labels"], minlength=len(per_class))
+        fields["test_accuracy_head"], fields["test_accuracy_tail"] = (
+            head_tail_accuracy(per_class, counts))
+    return fields
+
+
 def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
     """One row per cell from what the cells wrote (no data is read).
 
     A cell with `metrics.json` is `done`; one with only a failed
-    `cell.json` is `failed`; otherwise `pending`.
+    `cell.json` is `failed`; otherwise `pending`. Besides the metrics,
+    a row has the head / tail test accuracy (long-tail settings, from the
+    cell's `splits.npz`) and LFM-DR's diagnostics (`DIAGNOSTIC_FIELDS`),
+    None where they do not apply.
     """
     rows = []
     for cell in grid.cells():
@@ -457,12 +573,16 @@ def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
             "machine": record.get("machine"),
             "error": record.get("error") if status == "failed" else None,
             "workdir": cell.relative_dir(),
+            # New columns go last, so results.csv's earlier ones keep their
+            # places.
+            **dict.fromkeys(_REPORT_FIELDS),
         }
         if metrics:
             for key in ("test_accuracy", "best_val_accuracy", "best_epoch",
                         "final_b_clean_mean", "final_b_corrupted_mean",
                         "test_accuracy_per_class"):
                 row[key] = metrics.get(key)
+            row.update(_report_fields(cell_dir, metrics))
         rows.append(row)
     return rows
 
@@ -519,6 +639,92 @@ def _best_methods(grid, table):
     return best
 
 
+def _done(rows, setting, method):
+    return [r for r in rows if r["setting"] == setting
+            and r["method"] == method and r["status"] == "done"]
+
+
+def _mean_std_text(values, scale=1.0, digits=3):
+    """`mean ± std` of the non-None values (`mean` alone for one), `–` for
+    none."""
+    mean, std, _ = _mean_std(values)
+    if mean is None:
+        return "–"
+    text = f"{scale * mean:.{digits}f}"
+    return text if std is None else text + f" ± {scale * std:.{digits}f}"
+
+
+def head_tail_lines(grid: Grid, rows: Sequence[Dict]) -> List[str]:
+    """The head / tail accuracy table; [] when no setting has a long tail."""
+    settings = [s.name for s in grid.settings
+                if any(r["setting"] == s.name
+                       and r.get("test_accuracy_head") is not None
+                       for r in rows)]
+    if not settings:
+        return []
+    lines = [
+        "", "Head / tail test accuracy (%), mean ± std over seeds: the mean "
+        "per-class accuracy over the head classes and over the tail classes "
+        "(fewer training examples than the median class, as each run's "
+        "training labels count them); long-tail settings "
+        "(imbalance_factor > 1) only:", "",
+        "| method | " + " | ".join(f"{s} head | {s} tail" for s in settings)
+        + " |",
+        "|---|" + "---|---|" * len(settings)]
+    for method in grid.methods:
+        cells = []
+        for setting in settings:
+            mine = _done(rows, setting, method.name)
+            cells += [_mean_std_text([r.get(f"test_accuracy_{g}")
+                                      for r in mine], 100, 2)
+                      for g in ("head", "tail")]
+        lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+_DIAGNOSTIC_HEADERS = {"mean_b_alignment": "b_alignment"}
+_GROUP_NAMES = {"corrupted": "noisy"}
+
+
+def _diagnostic_header(field):
+    if field in _DIAGNOSTIC_HEADERS:
+        return _DIAGNOSTIC_HEADERS[field]
+    weight, group = field[len("last_epoch_"):].split("_")
+    return f"{'B' if weight == 'b' else 'a'} {_GROUP_NAMES.get(group, group)}"
+
+
+def lfm_diagnostics_lines(grid: Grid, rows: Sequence[Dict]) -> List[str]:
+    """The LFM-DR diagnostics table, one row per setting x method with
+    them; [] when no run has them (a grid without LFM-DR)."""
+    pairs = [(s.name, m.name) for s in grid.settings for m in grid.methods
+             if any(any(r.get(f) is not None for f in DIAGNOSTIC_FIELDS)
+                    for r in _done(rows, s.name, m.name))]
+    if not pairs:
+        return []
+    # Columns no row fills (clean / noisy in a grid without noise) are left
+    # out rather than shown as a column of dashes.
+    fields = [f for f in DIAGNOSTIC_FIELDS
+              if any(r.get(f) is not None for s, m in pairs
+                     for r in _done(rows, s, m))]
+    lines = [
+        "", "LFM-DR diagnostics, mean ± std over seeds. b_alignment is "
+        "cos(dL/dB, ∇_B L_val(W1′)), the cosine of B's step −dL/dB with "
+        "−∇_B L_val(W1′): positive means B's step also lowers W1's "
+        "validation loss (mean over epochs of each epoch's latest value, "
+        "computed every diagnostics_every steps). a (the mistake term) and "
+        "B (the example weight) are the last epoch's means over training "
+        "batches, by clean / noisy labels (label-noise settings) and head / "
+        "tail classes (long-tail settings):", "",
+        "| setting | method | " + " | ".join(
+            _diagnostic_header(f) for f in fields) + " |",
+        "|---|---|" + "---|" * len(fields)]
+    for setting, method in pairs:
+        mine = _done(rows, setting, method)
+        cells = [_mean_std_text([r.get(f) for r in mine]) for f in fields]
+        lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def status_lines(rows: Sequence[Dict], machine: str) -> List[str]:
     """The report's run counts (done, failed, pending) and machine lines."""
     counts = {s: sum(r["status"] == s for r in rows)
@@ -559,6 +765,7 @@ def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
                 text = f"**{text}**"
             cells.append(f"{text} ({n})")
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+    lines += head_tail_lines(grid, rows) + lfm_diagnostics_lines(grid, rows)
     lines += ["", "Wall time per cell (s, mean over finished seeds):", "",
               "| method | " + " | ".join(settings) + " |",
               "|---|" + "---|" * len(settings)]

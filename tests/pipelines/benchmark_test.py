@@ -152,6 +152,74 @@ class ReportTest(unittest.TestCase):
             self.assertIn("RuntimeError: diverged", markdown)
 
 
+class HeadTailAndDiagnosticsTest(unittest.TestCase):
+    """The report's head / tail accuracy and LFM-DR diagnostics columns."""
+
+    def test_tail_is_below_the_median_count_and_absent_classes_are_skipped(
+            self):
+        np.testing.assert_array_equal(
+            benchmark_grid.tail_classes([100, 50, 10, 5]),
+            [False, False, True, True])
+        self.assertFalse(benchmark_grid.tail_classes([40, 40, 40]).any())
+        head, tail = benchmark_grid.head_tail_accuracy(
+            [1.0, 0.8, 0.2, None], [100, 50, 10, 5])
+        self.assertAlmostEqual(head, 0.9)
+        self.assertAlmostEqual(tail, 0.2)
+        # Balanced counts: no tail class, so no tail accuracy.
+        self.assertEqual(benchmark_grid.head_tail_accuracy(
+            [0.5, 0.7], [10, 10]), (0.6, None))
+
+    def _lfm_metrics(self):
+        per_epoch = {"b_alignment": [-0.5, 0.1, 0.7]}
+        for i, name in enumerate(("a_clean", "a_corrupted", "b_clean",
+                                  "b_corrupted", "a_head", "a_tail",
+                                  "b_head", "b_tail")):
+            per_epoch[name] = [0.0, float(i + 1)]
+        return {"train_metrics_per_epoch": per_epoch,
+                "train_noise_rate": 0.4}
+
+    def test_diagnostics_keep_only_the_groups_the_setting_has(self):
+        noisy = {"data": {"imbalance_factor": 1.0},
+                 "method": {"diagnostics_every": 50}}
+        values = benchmark_grid.lfm_diagnostics(self._lfm_metrics(), noisy)
+        self.assertAlmostEqual(values["mean_b_alignment"], 0.1)
+        # The last epoch's values, clean / noisy only under label noise.
+        self.assertEqual(values["last_epoch_a_clean"], 1.0)
+        self.assertEqual(values["last_epoch_b_corrupted"], 4.0)
+        self.assertIsNone(values["last_epoch_a_head"])
+        long_tail = {"data": {"imbalance_factor": 20.0},
+                     "method": {"diagnostics_every": 50}}
+        metrics = dict(self._lfm_metrics(), train_noise_rate=0.0)
+        values = benchmark_grid.lfm_diagnostics(metrics, long_tail)
+        self.assertIsNone(values["last_epoch_a_clean"])
+        self.assertEqual(values["last_epoch_b_tail"], 8.0)
+        # Never computed: the tracked zeros are not an alignment.
+        off = {"data": {"imbalance_factor": 1.0},
+               "method": {"diagnostics_every": 0}}
+        self.assertIsNone(benchmark_grid.lfm_diagnostics(
+            self._lfm_metrics(), off)["mean_b_alignment"])
+        # Not an LFM-DR run.
+        self.assertEqual(benchmark_grid.lfm_diagnostics(
+            {"train_metrics_per_epoch": {"loss": [1.0]}}, noisy), {})
+
+    def test_markdown_has_head_tail_and_diagnostics_tables(self):
+        grid = benchmark_grid.parse_grid(
+            ["erm", "lfm"], ["lt:imbalance_factor=20"], ["0", "1"])
+        rows = _rows({"erm": [0.7, 0.8], "lfm": [0.6, 0.6]}, setting="lt")
+        for row, head, tail in zip(rows, (0.9, 0.8, 0.7, 0.5),
+                                   (0.1, 0.3, 0.4, 0.6)):
+            row.update(dict.fromkeys(benchmark_grid.DIAGNOSTIC_FIELDS),
+                       test_accuracy_head=head, test_accuracy_tail=tail)
+        rows[2]["mean_b_alignment"] = -0.25
+        rows[3]["mean_b_alignment"] = 0.75
+        markdown = benchmark_grid.results_markdown(grid, rows, "box")
+        self.assertIn("| method | lt head | lt tail |", markdown)
+        self.assertIn("| erm | 85.00 ± 7.07 | 20.00 ± 14.14 |", markdown)
+        self.assertIn("| lt | lfm | 0.250 ± 0.707 |", markdown)
+        # A column no run fills is left out.
+        self.assertNotIn("a clean", markdown)
+
+
 class GridEntryTest(unittest.TestCase):
 
     def test_variants_and_settings_parse_to_typed_overrides(self):

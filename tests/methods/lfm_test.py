@@ -158,6 +158,8 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
         ("shared_objective", {"lfm_objective": "shared"}),
         ("shared_without_mistakes", {"lfm_objective": "shared",
                                      "mistake_weighting": "none"}),
+        ("shared_single_network", {"lfm_objective": "shared",
+                                   "single_network": True}),
         ("both_objective", {"lfm_objective": "both"}),
         ("both_parameter_sharing", {"lfm_objective": "both",
                                     "encoder": "shared"}),

@@ -1018,6 +1018,53 @@ def plot_example_weights(grid, rows, setting, path):
     return _save(figure, path)
 
 
+def plot_alignment(grid, rows, path):
+    """b_alignment per epoch: one panel per setting, one line per LFM-DR
+    method (mean over finished seeds, the band their min to max).
+
+    Returns None when no run computed the alignment (a grid without LFM-DR,
+    or `diagnostics_every=0`).
+    """
+    panels = []
+    for setting in grid.settings:
+        lines = []
+        for method in grid.methods:
+            curves = []
+            for row in _done(rows, setting.name, method.name):
+                metrics = _read_json(os.path.join(row["_dir"],
+                                                  "metrics.json"))
+                config = _read_json(os.path.join(row["_dir"], "config.json"))
+                curve = metrics and alignment_curve(metrics, config)
+                if curve:
+                    curves.append(curve)
+            if curves:
+                # Seeds of one cell train equally long; a resumed run that
+                # logged fewer epochs is cut to the shortest.
+                length = min(len(c) for c in curves)
+                lines.append((method.name, np.array(
+                    [c[:length] for c in curves])))
+        if lines:
+            panels.append((setting.name, lines))
+    if not panels:
+        logging.info("No b_alignment in any run; no alignment plot.")
+        return None
+    figure, axes = _subplots(len(panels), 2, size=(5, 3.5))
+    for axis, (setting, lines) in zip(axes, panels):
+        for name, curves in lines:
+            epochs = np.arange(1, curves.shape[1] + 1)
+            axis.plot(epochs, curves.mean(0), label=name)
+            axis.fill_between(epochs, curves.min(0), curves.max(0),
+                              alpha=0.2)
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set_ylim(-1.05, 1.05)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("cos(dL/dB, grad_B L_val(W1'))")
+        axis.set_title(setting)
+        axis.legend(fontsize="small")
+    figure.suptitle("b_alignment per epoch (mean over seeds, band: min-max)")
+    return _save(figure, path)
+
+
 def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
                  title: str = "Benchmark grid", extra_fields=None,
                  markdown_fn=None) -> Dict[str, object]:
@@ -1055,6 +1102,8 @@ def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
                                    os.path.join(plot_dir, "accuracy.png")))
         plots.append(plot_per_class(
             grid, rows, os.path.join(plot_dir, "per_class_accuracy.png")))
+        plots.append(plot_alignment(
+            grid, rows, os.path.join(plot_dir, "alignment.png")))
         for setting in grid.settings:
             plots.append(plot_confusion(
                 grid, rows, setting,

@@ -73,7 +73,7 @@ class SmokeGridTest(unittest.TestCase):
             self.assertIn("Machine: ", markdown)
             plots = sorted(os.listdir(os.path.join(workdir, "plots")))
             self.assertEqual(plots, [
-                "accuracy.png", "confusion_uniform40.png",
+                "accuracy.png", "alignment.png", "confusion_uniform40.png",
                 "example_weights_uniform40.png", "per_class_accuracy.png"])
             import matplotlib  # pylint: disable=g-import-not-at-top
             matplotlib.use("Agg")
@@ -201,6 +201,34 @@ class HeadTailAndDiagnosticsTest(unittest.TestCase):
         # Not an LFM-DR run.
         self.assertEqual(benchmark_grid.lfm_diagnostics(
             {"train_metrics_per_epoch": {"loss": [1.0]}}, noisy), {})
+
+    def test_alignment_plot_only_where_runs_computed_it(self):
+        grid = benchmark_grid.parse_grid(
+            ["erm", "lfm"], ["s:noise_type=uniform;noise_rate=0.4"],
+            ["0", "1"])
+        with tempfile.TemporaryDirectory() as workdir:
+            rows = _rows({"erm": [0.7, 0.8], "lfm": [0.6, 0.6]})
+            for row in rows:
+                row["_dir"] = os.path.join(workdir, row["method"],
+                                           str(row["seed"]))
+                os.makedirs(row["_dir"])
+                metrics = ({"train_metrics_per_epoch": {"loss": [1.0]}}
+                           if row["method"] == "erm" else self._lfm_metrics())
+                config = {"data": {"imbalance_factor": 1.0},
+                          "method": {"diagnostics_every": 50}}
+                for name, value in (("metrics.json", metrics),
+                                    ("config.json", config)):
+                    with open(os.path.join(row["_dir"], name), "w") as f:
+                        json.dump(value, f)
+            path = os.path.join(workdir, "alignment.png")
+            self.assertEqual(benchmark_grid.plot_alignment(grid, rows, path),
+                             path)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(8), PNG_SIGNATURE)
+            self.assertIsNone(benchmark_grid.plot_alignment(
+                grid, rows[:2], os.path.join(workdir, "none.png")))
+            self.assertFalse(os.path.exists(os.path.join(workdir,
+                                                         "none.png")))
 
     def test_markdown_has_head_tail_and_diagnostics_tables(self):
         grid = benchmark_grid.parse_grid(

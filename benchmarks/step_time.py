@@ -45,6 +45,10 @@ _ROWS = {
     # Every step a meta-net and splitter step (K = 1): the worst case.
     "molere": dict(method="molere", molere_meta_every=1),
     "lfm_exact": dict(method="lfm", hypergradient="exact"),
+    # The main job's variant (configs/train/digits_lfm.flags): one network,
+    # B weighting both steps.
+    "lfm_exact_sn_shared": dict(method="lfm", hypergradient="exact",
+                                single_network=True, lfm_objective="shared"),
     "lfm_finite_difference": dict(method="lfm",
                                   hypergradient="finite_difference"),
     "lfm_first_order": dict(method="lfm", hypergradient="first_order"),

@@ -60,7 +60,7 @@ def sgd_step(
         for p, g in zip(params, grads)
     ]
     if clip_norm is not None:
-        grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        grads = clip_by_global_norm(grads, clip_norm)
     new_params, new_momenta = [], []
     for w, g, m in zip(params, grads, momenta):
         d = g + weight_decay * w if weight_decay else g
@@ -69,6 +69,36 @@ def sgd_step(
         new_params.append(w - learning_rate * step)
         new_momenta.append(m_new)
     return new_params, new_momenta
+
+
+def clip_by_global_norm(grads: Sequence[tf.Tensor], clip_norm: float):
+    """g * c / max(|g|, c) over all tensors together, finite in value and
+    derivative at g = 0.
+
+    The value is `tf.clip_by_global_norm`'s. That op forms 1/|g|, infinite
+    when every gradient is exactly zero (a batch fitted to float precision,
+    as under LDAM's scale s = 30), and while its value stays finite there, a
+    derivative taken through it is inf * 0 = NaN: the exact hypergradient
+    differentiates this step, so one such batch made B, and then every
+    weight, NaN.
+
+    Args:
+      grads: g, tensors of any shapes.
+      clip_norm: c > 0.
+
+    Returns:
+      list shaped like `grads`.
+    """
+    squared = tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
+    positive = squared > 0
+    # The inner where keeps sqrt's infinite derivative at 0 out of the
+    # graph; the outer one gives the norm 0 its value.
+    norm = tf.where(
+        positive, tf.sqrt(tf.where(positive, squared, tf.ones_like(squared))),
+        tf.zeros_like(squared))
+    clip = tf.constant(clip_norm, norm.dtype)
+    scale = clip / tf.maximum(norm, clip)
+    return [g * scale for g in grads]
 
 
 def clip_binds(grads: Sequence[tf.Tensor], clip_norm: Optional[float]):

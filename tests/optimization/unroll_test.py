@@ -38,6 +38,28 @@ class SgdStepTest(tf.test.TestCase):
         )
         self.assertAllClose([new_w[0][0], new_w[1][0]], [-0.6, -0.8])
 
+    def test_clip_matches_tensorflow_and_has_a_finite_derivative_at_zero(
+            self):
+        grads = [tf.constant([3.0, -4.0]), tf.constant([[12.0]])]
+        for clip in (5.0, 13.0, 100.0):  # Binding, at the norm, not binding.
+            expected, _ = tf.clip_by_global_norm(grads, clip)
+            for got, want in zip(unroll.clip_by_global_norm(grads, clip),
+                                 expected):
+                self.assertAllClose(got, want)
+        # An all-zero gradient (a batch fitted to float precision): the
+        # clip does not bind, so d W'/d g is -lr I, finite. Through
+        # tf.clip_by_global_norm it is NaN.
+        zeros = [tf.zeros([2]), tf.zeros([1, 1])]
+        with tf.GradientTape() as tape:
+            tape.watch(zeros)
+            new, _ = unroll.sgd_step(
+                [tf.ones([2]), tf.ones([1, 1])], zeros,
+                [tf.zeros([2]), tf.zeros([1, 1])], learning_rate=0.1,
+                momentum=0.0, clip_norm=5.0)
+            total = tf.add_n([tf.reduce_sum(w) for w in new])
+        for d in tape.gradient(total, zeros):
+            self.assertAllClose(d, -0.1 * tf.ones_like(d))
+
     def test_none_gradient_is_zero(self):
         new_w, _ = unroll.sgd_step(
             [tf.constant([1.0])], [None], [tf.constant([0.0])], 0.1,

@@ -49,6 +49,12 @@ _ROWS = {
     # B weighting both steps.
     "lfm_exact_sn_shared": dict(method="lfm", hypergradient="exact",
                                 single_network=True, lfm_objective="shared"),
+    "lfm_finite_difference_sn_shared": dict(
+        method="lfm", hypergradient="finite_difference", single_network=True,
+        lfm_objective="shared"),
+    "lfm_first_order_sn_shared": dict(
+        method="lfm", hypergradient="first_order", single_network=True,
+        lfm_objective="shared"),
     "lfm_finite_difference": dict(method="lfm",
                                   hypergradient="finite_difference"),
     "lfm_first_order": dict(method="lfm", hypergradient="first_order"),

@@ -30,6 +30,14 @@ only and the test set is read once per cell, by `train_lib`; this module only
 reads what the cells wrote (`metrics.json`, `test_predictions.npz`,
 `example_weights.npz`, `splits.npz`), never the data.
 
+A grid of CPU hours spans sessions and checkouts: with an archive folder
+(`--grid_archive`, committed), every finished cell's `config.json`,
+`cell.json` and `metrics.json` are copied there, and a later run restores
+the archived cells whose configuration still matches, so they are neither
+trained again nor missing from the report (which then lacks only the
+confusion matrices and weight histograms of restored cells: their `.npz`
+files are not archived).
+
 The report, in `<workdir>/`: `results.csv` (one row per run), `results.md`
 (mean ± std of test accuracy per method x setting with the best mean per
 setting in bold, wall time per cell, the machine, failures) and PNG plots in
@@ -57,6 +65,7 @@ from absl import logging
 
 from lfm_tf import config as config_lib
 from lfm_tf import fileio
+from lfm_tf import workdir as workdir_lib
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CELL_FILE = "cell.json"
@@ -355,7 +364,78 @@ class CellResult:
     error: Optional[str] = None
 
 
-def run_grid(grid: Grid, base, workdir: str, train_fn=None) -> List[CellResult]:
+# ---------------------------------------------------------------- archive
+#
+# A long grid outlives a session and a checkout: its workdir (checkpoints,
+# SavedModels) stays out of version control, but each finished cell's small
+# records go to an archive folder that is committed (`--grid_archive`), and
+# a rerun in a fresh clone restores them instead of training again.
+
+# What a report needs of a cell; metrics.json last, as it marks the cell
+# finished, so an interrupted copy is never taken for a finished cell.
+ARCHIVED_FILES = ("config.json", CELL_FILE, "metrics.json")
+
+
+def archive_cell(cell_dir: str, archive_cell_dir: str) -> None:
+    """Copies a finished cell's `ARCHIVED_FILES` to its archive folder."""
+    for name in ARCHIVED_FILES:
+        source = os.path.join(cell_dir, name)
+        if os.path.exists(source):
+            with open(source) as f:
+                fileio.write_text(os.path.join(archive_cell_dir, name),
+                                  f.read())
+
+
+def restore_cell(archive_cell_dir: str, cell_dir: str, config) -> bool:
+    """Restores an archived cell into `cell_dir` if it ran `config`.
+
+    Args:
+      archive_cell_dir: the cell's archive folder.
+      cell_dir: the cell's run directory (left alone if it has
+        `metrics.json` already).
+      config: the cell's `ExperimentConfig` now.
+
+    Returns:
+      Whether the cell is restored. An archive of another configuration
+      (the flagfile changed since) is not, with a warning naming the
+      fields: the cell trains again and its new records replace it.
+    """
+    archived = _read_json(os.path.join(archive_cell_dir, "metrics.json"))
+    if archived is None or os.path.exists(
+            os.path.join(cell_dir, "metrics.json")):
+        return False
+    previous = _read_json(os.path.join(archive_cell_dir, "config.json"))
+    differences = workdir_lib.config_differences(previous or {},
+                                                 config.to_dict())
+    if differences:
+        logging.warning(
+            "Archived cell %s ran another configuration (%s); training it "
+            "again.", archive_cell_dir, "; ".join(differences))
+        return False
+    archive_cell(archive_cell_dir, cell_dir)
+    return True
+
+
+def restore_grid(grid: Grid, base, workdir: str, archive: str) -> int:
+    """Restores every archived cell of `grid` into `workdir`.
+
+    Returns:
+      how many cells were restored.
+    """
+    restored = 0
+    for cell in grid.cells():
+        restored += restore_cell(
+            os.path.join(archive, cell.relative_dir()),
+            os.path.join(workdir, cell.relative_dir()),
+            grid.config_for(base, cell))
+    if restored:
+        logging.info("Restored %d finished cells from %s.", restored,
+                     archive)
+    return restored
+
+
+def run_grid(grid: Grid, base, workdir: str, train_fn=None,
+             archive: Optional[str] = None) -> List[CellResult]:
     """Runs every unfinished cell, in order, then writes nothing else.
 
     Args:
@@ -364,10 +444,15 @@ def run_grid(grid: Grid, base, workdir: str, train_fn=None) -> List[CellResult]:
       workdir: the grid's directory.
       train_fn: `(config, cell_workdir) -> metrics`; default
         `train_lib.train_and_evaluate` (tests may pass a stand-in).
+      archive: optional folder of finished cells' records (see
+        `restore_grid`): restored before the cells run, and each cell
+        that finishes is archived at once.
 
     Returns:
       one `CellResult` per cell, in grid order.
     """
+    if archive:
+        restore_grid(grid, base, workdir, archive)
     results = []
     cells = grid.cells()
     for number, cell in enumerate(cells, 1):
@@ -405,6 +490,9 @@ def run_grid(grid: Grid, base, workdir: str, train_fn=None) -> List[CellResult]:
         record["wall_time_s"] = round(time.time() - start, 1)
         fileio.write_text(os.path.join(cell_dir, CELL_FILE),
                           json.dumps(record, indent=2, sort_keys=True))
+        if archive and record["status"] == "done":
+            archive_cell(cell_dir,
+                         os.path.join(archive, cell.relative_dir()))
         results.append(CellResult(cell, cell_dir, record["status"],
                                   record["error"]))
         _clear_session()
@@ -530,15 +618,24 @@ def _report_fields(cell_dir, metrics):
     fields = dict.fromkeys(_REPORT_FIELDS)
     fields.update(lfm_diagnostics(metrics, config))
     per_class = metrics.get("test_accuracy_per_class")
-    splits = _load_npz(cell_dir, "splits.npz") if (
-        per_class and _imbalanced(config)) else None
-    if splits is not None:
-        # The counts the run trained on (observed labels), as train_lib
-        # hands them to the methods.
-        counts = np.bincount(splits["train_labels"], minlength=len(per_class))
+    counts = (_train_class_counts(cell_dir, metrics, len(per_class))
+              if per_class and _imbalanced(config) else None)
+    if counts is not None:
         fields["test_accuracy_head"], fields["test_accuracy_tail"] = (
             head_tail_accuracy(per_class, counts))
     return fields
+
+
+def _train_class_counts(cell_dir, metrics, num_classes):
+    """The counts the run trained on (observed labels), as train_lib hands
+    them to the methods: from metrics.json, else (runs before it recorded
+    them) from splits.npz; None without either."""
+    if metrics and metrics.get("train_class_counts"):
+        return np.asarray(metrics["train_class_counts"])
+    splits = _load_npz(cell_dir, "splits.npz")
+    if splits is None:
+        return None
+    return np.bincount(splits["train_labels"], minlength=num_classes)
 
 
 def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
@@ -885,12 +982,14 @@ def plot_per_class(grid, rows, path):
 def _class_order(row, num_classes):
     """Class ids by training count (descending) under a long tail; else
     by id (noise alone only shuffles near-equal counts)."""
-    splits = _load_npz(row["_dir"], "splits.npz")
     config = _read_json(os.path.join(row["_dir"], "config.json"))
-    if (splits is None or not config
-            or config["data"]["imbalance_factor"] <= 1):
+    if not config or config["data"]["imbalance_factor"] <= 1:
         return np.arange(num_classes)
-    counts = np.bincount(splits["train_labels"], minlength=num_classes)
+    counts = _train_class_counts(
+        row["_dir"], _read_json(os.path.join(row["_dir"], "metrics.json")),
+        num_classes)
+    if counts is None:
+        return np.arange(num_classes)
     return np.argsort(-counts, kind="stable")
 
 

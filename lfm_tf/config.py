@@ -337,8 +337,7 @@ class MethodConfig:
         B, V, r descend L_val(W2')), `shared` (W2's step is weighted by
         b_i a_i / mean_batch(b a): B shapes both learners, as A does in
         the paper's NAS eq. 8; deploy W2) or `both` (stage 3 descends
-        L_val(W1') + L_val(W2')). Non-paper objectives need
-        `hypergradient=exact`.
+        L_val(W1') + L_val(W2')). `both` needs `hypergradient=exact`.
       mistake_weighting: `learned` (a from W1''s mistakes, the paper) or
         `none` (a = 1: the ablation with no mistakes at all).
       mistake_signal: u as W1''s mistake on each meta example (`example`,
@@ -509,12 +508,13 @@ class MethodConfig:
         _check_positive("mistake_temperature", self.mistake_temperature)
         _check_positive("diagnostics_every", self.diagnostics_every,
                         allow_zero=True)
-        if self.lfm_objective != "paper" and self.hypergradient != "exact":
+        if self.lfm_objective == "both" and self.hypergradient != "exact":
             raise ValueError(
                 f"Received lfm_objective={self.lfm_objective!r} with "
                 f"hypergradient={self.hypergradient!r}; that combination is "
-                "not implemented (the chained modes assume eq. 9's paths). "
-                "Set --hypergradient=exact, which supports every objective."
+                "not implemented (the chained modes have no path for "
+                "L_val(W1')'s own term). Set --hypergradient=exact, which "
+                "supports every objective."
             )
         if not 0 < self.class_balanced_beta < 1:
             raise ValueError(

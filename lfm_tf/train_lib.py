@@ -318,6 +318,9 @@ def _final_metrics(model, data, history, workdir=None):
         "num_train": int(data["facts"].num_train),
         "num_meta": int(data["facts"].num_meta),
         "num_test": int(len(labels)),
+        # By observed label, as the methods receive them; a report reads
+        # the head / tail split from here without the cell's splits.npz.
+        "train_class_counts": [int(c) for c in data["facts"].class_counts],
         "train_noise_rate": float(np.mean(data["splits"].is_corrupted)),
         # The method's own training metrics (LFM-DR's diagnostics among
         # them), one value per epoch, as TensorBoard shows them.

@@ -13,7 +13,9 @@ flags vary it:
 Each cell trains in <workdir>/runs/<setting>/<method>/seed_<k>/ (the usual
 `pipelines.train` artefacts). Rerunning the same command skips finished cells
 and resumes an interrupted one; a failed cell is recorded and the grid goes
-on. At the end (and with --grid_report_only, without training) it writes
+on. With --grid_archive=<folder>, each finished cell's records are copied
+there as it finishes (commit the folder), and a run in another checkout
+restores them instead of training those cells again. At the end (and with --grid_report_only, without training) it writes
 <workdir>/results.csv, results.md and plots/*.png; see
 `lfm_tf/benchmark_grid.py`.
 """
@@ -50,6 +52,13 @@ def define_grid_flags(flag_values=FLAGS):
         "nothing.", flag_values=flag_values)
     flags.DEFINE_string("grid_title", "Benchmark grid",
                         "Title of results.md.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "grid_archive", None,
+        "Folder (meant to be committed) of each finished cell's records "
+        "(config.json, cell.json, metrics.json): every cell that finishes "
+        "is copied there, and a later run, even in a fresh clone, restores "
+        "the cells that ran the same configuration instead of training "
+        "them.", flag_values=flag_values)
 
 
 def main(argv):
@@ -62,8 +71,13 @@ def main(argv):
     logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
                  len(grid.methods), len(grid.settings), len(grid.seeds),
                  len(grid.cells()))
-    if not FLAGS.grid_report_only:
-        results = benchmark_grid.run_grid(grid, base, FLAGS.workdir)
+    if FLAGS.grid_report_only:
+        if FLAGS.grid_archive:
+            benchmark_grid.restore_grid(grid, base, FLAGS.workdir,
+                                        FLAGS.grid_archive)
+    else:
+        results = benchmark_grid.run_grid(grid, base, FLAGS.workdir,
+                                          archive=FLAGS.grid_archive)
         counts = {s: sum(r.status == s for r in results)
                   for s in ("done", "skipped", "failed")}
         print(f"Cells: {counts['done']} trained, {counts['skipped']} "

@@ -46,12 +46,14 @@ class MirroredEquivalenceTest(tf.test.TestCase):
 
     def test_hypergradients_match_one_device(self):
         for case in ("mwnet", "lfm", "lfm_finite_difference",
-                     "lfm_positional"):
+                     "lfm_positional", "lfm_shared",
+                     "lfm_shared_first_order"):
             for i, error in enumerate(self.results[case]["hypergradients"]):
                 self.assertLess(error, RTOL, f"{case} gradient {i}")
 
     def test_one_step_matches_one_device(self):
-        for case in ("erm", "mwnet", "lfm"):
+        for case in ("erm", "mwnet", "lfm", "lfm_shared",
+                     "lfm_shared_first_order"):
             worst = self.results[case]["variables"]
             self.assertLess(worst["error"], RTOL, f"{case}: {worst}")
 
@@ -358,6 +360,12 @@ def _equivalence():
         "lfm_finite_difference": ("lfm", dict(
             hypergradient="finite_difference"), 0),
         "lfm_positional": ("lfm", dict(weighting_mode="positional"), 0),
+        # The main job's variant, exact and by the heads-only chain rule.
+        "lfm_shared": ("lfm", dict(lfm_objective="shared",
+                                   single_network=True), 1),
+        "lfm_shared_first_order": ("lfm", dict(
+            lfm_objective="shared", single_network=True,
+            hypergradient="first_order"), 1),
         "l2rw": ("l2rw", {}, 1),
         "lfm_batch_mean": ("lfm", dict(weight_normalization="batch_mean"), 1),
         "mwnet_batch_mean": ("mwnet", dict(

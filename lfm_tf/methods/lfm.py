@@ -359,12 +359,15 @@ class LFM(base.MethodModel):
         Jacobian at each step's gradient (symmetric; the identity while the
         clip does not bind):
 
-            dL/da_i = -s2/n <grad l_i(W2_start), J2 v2>,   v2 = dL/dW2',
+            dL/dw_i = -s2/n <grad l_i(W2_start), J2 v2>,   v2 = dL/dW2',
             dL/db_i = -s1/n <grad l_i(W1), J1 v1>,         v1 = dL/dW1',
 
-        where v1 comes back through a and, where W2 starts from W1' (PS
-        trunk, single network), also through W2's start:
-        (dW2'/dW2_start)^T v2 = v2 - s2 (wd v2 + H2 J2 v2).
+        where w is W2's example weights (a; under `shared` w = b a /
+        mean(b a), whose own derivative in b is added to dL/db by
+        reverse mode through the normalisation), v1 comes back through a
+        and, where W2 starts from W1' (PS trunk, single network), also
+        through W2's start: (dW2'/dW2_start)^T v2 = v2 - s2 (wd v2 + H2 J2
+        v2). `both` needs L_val(W1')'s own path and is exact only.
 
         `finite_difference` takes each mixed term <grad l_i, u> as DARTS'
         central difference of the per-example losses, over all weights, and
@@ -381,9 +384,11 @@ class LFM(base.MethodModel):
         with tf.GradientTape() as tape:
             tape.watch(w1_watched)
             a = self.weigh_mistakes(train, meta, w1_step.params)
-        fixed_a = tf.stop_gradient(a)
+            # W2's weights: a, or `shared`'s normalised b a (B's second path).
+            w2_weights = self.relearn_weights(train, a)
+        fixed_weights = tf.stop_gradient(w2_weights)
         w2_start = self.w2_start(w1_step.params)
-        w2_step = self.relearn(train, fixed_a, w1_step.params)
+        w2_step = self.relearn(train, fixed_weights, w1_step.params)
         w2_watched = self._watched(self.w2, w2_step.params, head_only)
         with tf.GradientTape() as val_tape:
             val_tape.watch(w2_watched)
@@ -392,22 +397,25 @@ class LFM(base.MethodModel):
             self.loss_scale.gradient(val_tape, val_loss, w2_watched)
         ), w2_watched)
         u2 = self._through_clip(self.w2, self.w2_sgd, w2_step, v2, head_only)
-        d_a = hypergradients.weight_hypergradient(
+        d_weights = hypergradients.weight_hypergradient(
             self._mixed_term(self.w2, w2_start, w2_step, train, u2,
                              head_only),
             self._step_scale(self.w2_sgd, v2), tf.shape(a)[0],
         )
         encoder_vars = self.hyper_variables()[2:]
         grads = self.loss_scale.gradient(
-            tape, a, [self.weighting_table.values] + encoder_vars + w1_watched,
-            output_gradients=d_a,
+            tape, w2_weights,
+            [self.example_weight_table.values, self.weighting_table.values]
+            + encoder_vars + w1_watched,
+            output_gradients=d_weights,
         )
-        r_grad = grads[0]
-        encoder_grads = grads[1:1 + len(encoder_vars)]
+        # B's path through W2's weights: zero unless `shared`.
+        b_direct, r_grad = grads[0], grads[1]
+        encoder_grads = grads[2:2 + len(encoder_vars)]
         # dL/dW1' summed over replicas' a, per replica's share of the batch.
         v1 = distribute.replica_mean(self._add_shared(
-            grads[1 + len(encoder_vars):], v2, u2, w2_start, w2_step, train,
-            fixed_a, head_only))
+            grads[2 + len(encoder_vars):], v2, u2, w2_start, w2_step, train,
+            fixed_weights, head_only))
         v1 = _dense(v1, w1_watched)
         u1 = self._through_clip(self.w1, self.sgd, w1_step, v1, head_only)
         d_b = hypergradients.weight_hypergradient(
@@ -419,6 +427,8 @@ class LFM(base.MethodModel):
             tf.cast(train["index"], tf.int64)[:, None], d_b,
             tf.shape(self.example_weight_table.values, out_type=tf.int64),
         )
+        if b_direct is not None:
+            b_grad += tf.cast(tf.convert_to_tensor(b_direct), b_grad.dtype)
         return w1_step, a, w2_step, val_loss, [b_grad, r_grad] + list(
             encoder_grads
         )

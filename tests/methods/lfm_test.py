@@ -78,6 +78,16 @@ _CHAINED_CASES = [
         ("separate", {}), ("parameter_sharing", {"encoder": "shared"}),
         ("single_network", {"single_network": True}))
     for both in (False, True)
+] + [
+    # `shared` (W2 weighted by b a / mean(b a)): the main job's single
+    # network, once plain and once clipped with momentum, and its a = 1
+    # ablation on separate networks.
+    ("shared_single_network_plain",
+     {"lfm_objective": "shared", "single_network": True}, False, False),
+    ("shared_single_network_clipped_momentum",
+     {"lfm_objective": "shared", "single_network": True}, True, True),
+    ("shared_separate_without_mistakes",
+     {"lfm_objective": "shared", "mistake_weighting": "none"}, False, False),
 ]
 
 
@@ -281,12 +291,12 @@ class LfmObjectiveTest(tf.test.TestCase):
         a = model.run_stages(train, meta)[1]
         self.assertAllEqual(a, np.ones(BATCH))
 
-    def test_chained_modes_refuse_other_objectives(self):
-        for objective in ("shared", "both"):
+    def test_chained_modes_refuse_both(self):
+        for mode in ("first_order", "finite_difference"):
             with self.assertRaisesRegex(
-                    ValueError, "lfm_objective='%s' with hypergradient="
-                    "'first_order'.*--hypergradient=exact" % objective):
-                _build(lfm_objective=objective, hypergradient="first_order")
+                    ValueError, "lfm_objective='both' with hypergradient="
+                    "'%s'.*--hypergradient=exact" % mode):
+                _build(lfm_objective="both", hypergradient=mode)
 
     def test_ensemble_is_the_mean_of_both_learners_logits(self):
         model = _build(evaluate_learner="ensemble")

@@ -42,6 +42,10 @@ class SmokeGridTest(unittest.TestCase):
                     self.assertTrue(
                         os.path.exists(os.path.join(cell, name)),
                         f"{cell}/{name}")
+            with open(os.path.join(cells[0], "metrics.json")) as f:
+                metrics = json.load(f)
+            self.assertEqual(sum(metrics["train_class_counts"]),
+                             metrics["num_train"])
             # Only LFM learns a weight per training example.
             self.assertTrue(os.path.exists(
                 os.path.join(cells[1], "example_weights.npz")))
@@ -150,6 +154,73 @@ class ReportTest(unittest.TestCase):
             markdown = benchmark_grid.results_markdown(self.grid, rows, "box")
             self.assertIn("4 done, 2 failed, 0 pending", markdown)
             self.assertIn("RuntimeError: diverged", markdown)
+
+
+class ArchiveTest(unittest.TestCase):
+    """--grid_archive: finished cells outlive their workdir."""
+
+    def setUp(self):
+        self.grid = benchmark_grid.parse_grid(
+            ["erm", "mwnet"], ["lt:imbalance_factor=4"], ["0"])
+        self.calls = []
+
+    def _train(self, config, workdir):
+        """Writes what train_lib writes for a report; mwnet fails."""
+        self.calls.append(config.method.method)
+        if config.method.method == "mwnet":
+            raise RuntimeError("diverged")
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json())
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump({"test_accuracy": 0.5,
+                       "test_accuracy_per_class": [0.9, 0.8, 0.2, 0.1],
+                       "train_class_counts": [40, 30, 10, 5]}, f)
+
+    def test_a_fresh_workdir_restores_finished_cells_only(self):
+        base = config_lib.ExperimentConfig()
+        with tempfile.TemporaryDirectory() as root:
+            archive = os.path.join(root, "archive")
+            first = benchmark_grid.run_grid(
+                self.grid, base, os.path.join(root, "a"), self._train,
+                archive=archive)
+            self.assertEqual([r.status for r in first], ["done", "failed"])
+            erm = os.path.join(archive, "runs", "lt", "erm", "seed_0")
+            self.assertEqual(sorted(os.listdir(erm)),
+                             ["cell.json", "config.json", "metrics.json"])
+            self.assertFalse(os.path.exists(
+                os.path.join(archive, "runs", "lt", "mwnet")))
+
+            fresh = os.path.join(root, "b")
+            again = benchmark_grid.run_grid(self.grid, base, fresh,
+                                            self._train, archive=archive)
+            self.assertEqual([r.status for r in again],
+                             ["skipped", "failed"])
+            self.assertEqual(self.calls, ["erm", "mwnet", "mwnet"])
+            # The report of the restored cell has its head / tail split
+            # from metrics.json, without the run's splits.npz.
+            row = benchmark_grid.collect_rows(self.grid, fresh)[0]
+            self.assertEqual((row["status"], row["wall_time_s"] is None),
+                             ("done", False))
+            self.assertAlmostEqual(row["test_accuracy_head"], 0.85)
+            self.assertAlmostEqual(row["test_accuracy_tail"], 0.15)
+
+    def test_another_configuration_trains_again_and_replaces_it(self):
+        with tempfile.TemporaryDirectory() as root:
+            archive = os.path.join(root, "archive")
+            benchmark_grid.run_grid(self.grid, config_lib.ExperimentConfig(),
+                                    os.path.join(root, "a"), self._train,
+                                    archive=archive)
+            changed = config_lib.ExperimentConfig().replace(epochs=7)
+            with self.assertLogs(level="WARNING") as logs:
+                results = benchmark_grid.run_grid(
+                    self.grid, changed, os.path.join(root, "b"), self._train,
+                    archive=archive)
+            self.assertEqual([r.status for r in results], ["done", "failed"])
+            self.assertIn("train.epochs: ", "\n".join(logs.output))
+            with open(os.path.join(archive, "runs", "lt", "erm", "seed_0",
+                                   "config.json")) as f:
+                self.assertEqual(json.load(f)["train"]["epochs"], 7)
 
 
 class HeadTailAndDiagnosticsTest(unittest.TestCase):

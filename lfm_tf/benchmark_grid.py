@@ -137,9 +137,9 @@ class Grid:
     seeds: Tuple[int, ...]
 
     def cells(self) -> List[Cell]:
-        # Settings outermost: a partly finished grid already has whole
-        # columns of the results table.
-        return [Cell(s, m, seed) for s in self.settings for seed in self.seeds
+        # Seeds outermost: a partly finished grid (one that spans sessions)
+        # already has every method in every setting at one seed, then two.
+        return [Cell(s, m, seed) for seed in self.seeds for s in self.settings
                 for m in self.methods]
 
     def config_for(self, base, cell):

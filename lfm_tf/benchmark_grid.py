@@ -613,10 +613,12 @@ def lfm_diagnostics(metrics, config):
 
 
 def _report_fields(cell_dir, metrics):
-    """The run's head / tail test accuracy and LFM-DR diagnostics."""
+    """The run's head / tail test accuracy and LFM-DR diagnostics, and
+    (private, for `plot_alignment`) its b_alignment curve."""
     config = _read_json(os.path.join(cell_dir, "config.json"))
     fields = dict.fromkeys(_REPORT_FIELDS)
     fields.update(lfm_diagnostics(metrics, config))
+    fields["_alignment"] = alignment_curve(metrics, config)
     per_class = metrics.get("test_accuracy_per_class")
     counts = (_train_class_counts(cell_dir, metrics, len(per_class))
               if per_class and _imbalanced(config) else None)
@@ -685,17 +687,19 @@ def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
 
 
 def results_csv(rows: Sequence[Dict]) -> str:
-    """The rows as CSV; lists (per-class accuracy) as space-separated."""
+    """The rows as CSV; lists (per-class accuracy) as space-separated.
+    Private keys (`_dir`, `_alignment`: the report's own) are left out."""
     buffer = io.StringIO()
     if not rows:
         return ""
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(
+        buffer, fieldnames=[k for k in rows[0] if not k.startswith("_")])
     writer.writeheader()
     for row in rows:
         writer.writerow({
             k: " ".join("" if x is None else f"{x:.4f}" for x in v)
             if isinstance(v, list) else ("" if v is None else v)
-            for k, v in row.items()})
+            for k, v in row.items() if not k.startswith("_")})
     return buffer.getvalue()
 
 
@@ -1130,12 +1134,9 @@ def plot_alignment(grid, rows, path):
         for method in grid.methods:
             curves = []
             for row in _done(rows, setting.name, method.name):
-                metrics = _read_json(os.path.join(row["_dir"],
-                                                  "metrics.json"))
-                config = _read_json(os.path.join(row["_dir"], "config.json"))
-                curve = metrics and alignment_curve(metrics, config)
-                if curve:
-                    curves.append(curve)
+                # Kept by `collect_rows`, which read the run's files.
+                if row.get("_alignment"):
+                    curves.append(row["_alignment"])
             if curves:
                 # Seeds of one cell train equally long; a resumed run that
                 # logged fewer epochs is cut to the shortest.

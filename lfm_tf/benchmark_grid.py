@@ -614,7 +614,8 @@ def lfm_diagnostics(metrics, config):
 
 def _report_fields(cell_dir, metrics):
     """The run's head / tail test accuracy and LFM-DR diagnostics, and
-    (private, for `plot_alignment`) its b_alignment curve."""
+    (private, for the plots) its b_alignment curve and, under a long tail,
+    its training counts per class."""
     config = _read_json(os.path.join(cell_dir, "config.json"))
     fields = dict.fromkeys(_REPORT_FIELDS)
     fields.update(lfm_diagnostics(metrics, config))
@@ -622,6 +623,7 @@ def _report_fields(cell_dir, metrics):
     per_class = metrics.get("test_accuracy_per_class")
     counts = (_train_class_counts(cell_dir, metrics, len(per_class))
               if per_class and _imbalanced(config) else None)
+    fields["_class_counts"] = counts
     if counts is not None:
         fields["test_accuracy_head"], fields["test_accuracy_tail"] = (
             head_tail_accuracy(per_class, counts))
@@ -688,7 +690,8 @@ def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
 
 def results_csv(rows: Sequence[Dict]) -> str:
     """The rows as CSV; lists (per-class accuracy) as space-separated.
-    Private keys (`_dir`, `_alignment`: the report's own) are left out."""
+    Private keys (`_dir`, `_alignment`, `_class_counts`: the report's
+    own) are left out."""
     buffer = io.StringIO()
     if not rows:
         return ""
@@ -985,16 +988,12 @@ def plot_per_class(grid, rows, path):
 
 def _class_order(row, num_classes):
     """Class ids by training count (descending) under a long tail; else
-    by id (noise alone only shuffles near-equal counts)."""
-    config = _read_json(os.path.join(row["_dir"], "config.json"))
-    if not config or config["data"]["imbalance_factor"] <= 1:
-        return np.arange(num_classes)
-    counts = _train_class_counts(
-        row["_dir"], _read_json(os.path.join(row["_dir"], "metrics.json")),
-        num_classes)
+    by id (noise alone only shuffles near-equal counts). The counts are
+    the ones `collect_rows` kept (long tails only)."""
+    counts = row.get("_class_counts")
     if counts is None:
         return np.arange(num_classes)
-    return np.argsort(-counts, kind="stable")
+    return np.argsort(-np.asarray(counts), kind="stable")
 
 
 def _load_npz(cell_dir, name):

@@ -15,9 +15,9 @@ Each cell trains in <workdir>/runs/<setting>/<method>/seed_<k>/ (the usual
 and resumes an interrupted one; a failed cell is recorded and the grid goes
 on. With --grid_archive=<folder>, each finished cell's records are copied
 there as it finishes (commit the folder), and a run in another checkout
-restores them instead of training those cells again. At the end (and with --grid_report_only, without training) it writes
-<workdir>/results.csv, results.md and plots/*.png; see
-`lfm_tf/benchmark_grid.py`.
+restores them instead of training those cells again. At the end (and with
+--grid_report_only, without training) it writes <workdir>/results.csv,
+results.md and plots/*.png; see `lfm_tf/benchmark_grid.py`.
 """
 
 import os

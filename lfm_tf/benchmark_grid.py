@@ -23,7 +23,11 @@ Each cell runs `train_lib.train_and_evaluate` in
     <workdir>/runs/<setting>/<method>/seed_<k>/
 
 and is skipped on a rerun once its `metrics.json` exists; a cell killed
-mid-training resumes from its own whole-state checkpoint. A cell that raises
+mid-training resumes from its own whole-state checkpoint. Several workers
+may run the same command on one machine (or one shared disk) at once: each
+trains a cell only while it holds that cell's claim (`fcntl.flock` on
+`<cell>/.grid_lock`, released by the kernel when a worker dies, so a killed
+worker leaves no stale claim) and passes over cells another worker holds. A cell that raises
 is recorded (`cell.json`, status `failed`, with the error) and the grid goes
 on; a rerun tries it again. Model selection inside each cell is on validation
 only and the test set is read once per cell, by `train_lib`; this module only
@@ -45,6 +49,7 @@ setting in bold, wall time per cell, the machine, failures) and PNG plots in
 `confusion_<setting>.png` and `example_weights_<setting>.png`.
 """
 
+import contextlib
 import csv
 import dataclasses
 import importlib.metadata
@@ -69,6 +74,7 @@ from lfm_tf import workdir as workdir_lib
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CELL_FILE = "cell.json"
+GRID_LOCK_FILE = ".grid_lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +360,8 @@ class CellResult:
     Attributes:
       cell: the `Cell`.
       workdir: its run directory.
-      status: `done` (trained now), `skipped` (finished before) or `failed`.
+      status: `done` (trained now), `skipped` (finished before), `busy`
+        (another worker holds it) or `failed`.
       error: the exception text of a failed cell.
     """
 
@@ -457,46 +464,84 @@ def run_grid(grid: Grid, base, workdir: str, train_fn=None,
     cells = grid.cells()
     for number, cell in enumerate(cells, 1):
         cell_dir = os.path.join(workdir, cell.relative_dir())
-        if os.path.exists(os.path.join(cell_dir, "metrics.json")):
-            logging.info("[%d/%d] %s: finished before, skipped.", number,
-                         len(cells), cell.relative_dir())
+        label = f"[{number}/{len(cells)}] {cell.relative_dir()}"
+        if _finished(cell_dir):
+            logging.info("%s: finished before, skipped.", label)
             results.append(CellResult(cell, cell_dir, "skipped"))
             continue
-        logging.info("[%d/%d] %s: training.", number, len(cells),
-                     cell.relative_dir())
-        config = grid.config_for(base, cell)
-        if train_fn is None:
-            # Imported here so that a rerun with every cell finished (or a
-            # report) starts in a second, without TensorFlow.
-            from lfm_tf import train_lib  # pylint: disable=g-import-not-at-top
-            train_fn = train_lib.train_and_evaluate
-        machine = machine_description()
-        start = time.time()
-        record = {"setting": cell.setting.describe(),
-                  "method": cell.method.describe(), "seed": cell.seed,
-                  "machine": machine,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        try:
-            train_fn(config, cell_dir)
-            record.update(status="done", error=None)
-        except Exception as error:  # pylint: disable=broad-except
-            # One broken cell (a diverging method, a bad variant) must not
-            # cost the rest of a long grid; it is recorded and retried on
-            # the next run.
-            logging.error("%s failed: %s\n%s", cell.relative_dir(), error,
-                          traceback.format_exc())
-            record.update(status="failed",
-                          error=f"{type(error).__name__}: {error}")
-        record["wall_time_s"] = round(time.time() - start, 1)
-        fileio.write_text(os.path.join(cell_dir, CELL_FILE),
-                          json.dumps(record, indent=2, sort_keys=True))
-        if archive and record["status"] == "done":
-            archive_cell(cell_dir,
-                         os.path.join(archive, cell.relative_dir()))
-        results.append(CellResult(cell, cell_dir, record["status"],
-                                  record["error"]))
-        _clear_session()
+        with cell_lock(cell_dir) as held:
+            # Checked again under the lock: another worker may have finished
+            # the cell since the check above.
+            if held and _finished(cell_dir):
+                logging.info("%s: finished before, skipped.", label)
+                results.append(CellResult(cell, cell_dir, "skipped"))
+            elif held:
+                logging.info("%s: training.", label)
+                results.append(_train_cell(grid, base, cell, cell_dir,
+                                           train_fn, archive))
+            else:
+                logging.info("%s: another worker is training it, passed "
+                             "over.", label)
+                results.append(CellResult(cell, cell_dir, "busy"))
     return results
+
+
+def _finished(cell_dir):
+    return os.path.exists(os.path.join(cell_dir, "metrics.json"))
+
+
+@contextlib.contextmanager
+def cell_lock(cell_dir: str):
+    """Claims a cell for this worker, without waiting.
+
+    The claim is `workdir.lock` on `<cell_dir>/.grid_lock`, beside the
+    run's own `.lock` that `train_lib` takes inside it.
+
+    Yields:
+      whether this worker holds the cell; False when another worker does.
+      The kernel drops the claim when its holder exits, however it exits.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(workdir_lib.lock(cell_dir,
+                                                 name=GRID_LOCK_FILE))
+        except workdir_lib.WorkdirInUseError:
+            yield False
+            return
+        yield True
+
+
+def _train_cell(grid, base, cell, cell_dir, train_fn, archive):
+    """Trains one cell and records it (`cell.json`, the archive)."""
+    config = grid.config_for(base, cell)
+    if train_fn is None:
+        # Imported here so that a rerun with every cell finished (or a
+        # report) starts in a second, without TensorFlow.
+        from lfm_tf import train_lib  # pylint: disable=g-import-not-at-top
+        train_fn = train_lib.train_and_evaluate
+    start = time.time()
+    record = {"setting": cell.setting.describe(),
+              "method": cell.method.describe(), "seed": cell.seed,
+              "machine": machine_description(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        train_fn(config, cell_dir)
+        record.update(status="done", error=None)
+    except Exception as error:  # pylint: disable=broad-except
+        # One broken cell (a diverging method, a bad variant) must not
+        # cost the rest of a long grid; it is recorded and retried on
+        # the next run.
+        logging.error("%s failed: %s\n%s", cell.relative_dir(), error,
+                      traceback.format_exc())
+        record.update(status="failed",
+                      error=f"{type(error).__name__}: {error}")
+    record["wall_time_s"] = round(time.time() - start, 1)
+    fileio.write_text(os.path.join(cell_dir, CELL_FILE),
+                      json.dumps(record, indent=2, sort_keys=True))
+    if archive and record["status"] == "done":
+        archive_cell(cell_dir, os.path.join(archive, cell.relative_dir()))
+    _clear_session()
+    return CellResult(cell, cell_dir, record["status"], record["error"])
 
 
 def _clear_session():

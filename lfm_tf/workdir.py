@@ -52,11 +52,13 @@ class ConfigMismatchError(ValueError):
 
 
 @contextlib.contextmanager
-def lock(directory: str) -> Iterator[str]:
+def lock(directory: str, name: str = LOCK_FILE) -> Iterator[str]:
     """Holds an exclusive lock on `directory` for the `with` block.
 
     Args:
       directory: the run's directory (created if missing).
+      name: the lock file's name; another name is another lock (a grid
+        worker's claim on a cell, around the run's own lock).
 
     Yields:
       The lock file's path; it holds the holder's PID.
@@ -65,7 +67,7 @@ def lock(directory: str) -> Iterator[str]:
       WorkdirInUseError: another process holds it (its PID is named).
     """
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, LOCK_FILE)
+    path = os.path.join(directory, name)
     handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -224,6 +224,76 @@ class ArchiveTest(unittest.TestCase):
                 self.assertEqual(json.load(f)["train"]["epochs"], 7)
 
 
+class WorkersTest(unittest.TestCase):
+    """Several workers on one grid: a held cell is passed over, not shared."""
+
+    HOLD = ("import fcntl, sys, time\n"
+            "f = open(sys.argv[1], 'a')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n")
+
+    def test_a_cell_held_by_a_live_worker_is_left_to_it(self):
+        grid = benchmark_grid.parse_grid(["erm", "focal"],
+                                         ["s:noise_type=none"], ["0"])
+        trained = []
+
+        def train(config, workdir):
+            trained.append(config.method.method)
+            with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                json.dump({"test_accuracy": 0.5}, f)
+
+        base = config_lib.ExperimentConfig()
+        with tempfile.TemporaryDirectory() as workdir:
+            erm_dir = os.path.join(workdir, "runs", "s", "erm", "seed_0")
+            os.makedirs(erm_dir)
+            # Another process (the other worker) holds erm's lock.
+            other = subprocess.Popen(
+                [sys.executable, "-c", self.HOLD,
+                 os.path.join(erm_dir, benchmark_grid.GRID_LOCK_FILE)],
+                stdout=subprocess.PIPE, text=True)
+            try:
+                self.assertEqual(other.stdout.readline().strip(), "held")
+                results = benchmark_grid.run_grid(grid, base, workdir, train)
+                self.assertEqual([r.status for r in results],
+                                 ["busy", "done"])
+                self.assertEqual(trained, ["focal"])
+            finally:
+                # A worker killed mid-cell leaves no stale claim.
+                other.kill()
+                other.wait()
+                other.stdout.close()
+            results = benchmark_grid.run_grid(grid, base, workdir, train)
+            self.assertEqual([r.status for r in results],
+                             ["done", "skipped"])
+            self.assertEqual(trained, ["focal", "erm"])
+
+    def test_a_cell_finished_while_waiting_for_its_lock_is_not_retrained(
+            self):
+        grid = benchmark_grid.parse_grid(["erm"], ["s:noise_type=none"],
+                                         ["0"])
+        with tempfile.TemporaryDirectory() as workdir:
+            cell_dir = os.path.join(workdir, "runs", "s", "erm", "seed_0")
+            real_lock = benchmark_grid.cell_lock
+
+            def lock_after_other_worker_finished(path):
+                # The other worker writes metrics.json between this
+                # worker's first check and its taking the lock.
+                with open(os.path.join(path, "metrics.json"), "w") as f:
+                    json.dump({"test_accuracy": 0.5}, f)
+                return real_lock(path)
+
+            os.makedirs(cell_dir)
+            benchmark_grid.cell_lock = lock_after_other_worker_finished
+            try:
+                results = benchmark_grid.run_grid(
+                    grid, config_lib.ExperimentConfig(), workdir,
+                    lambda config, workdir: self.fail("trained again"))
+            finally:
+                benchmark_grid.cell_lock = real_lock
+            self.assertEqual([r.status for r in results], ["skipped"])
+
+
 class HeadTailAndDiagnosticsTest(unittest.TestCase):
     """The report's head / tail accuracy and LFM-DR diagnostics columns."""
 

@@ -407,9 +407,7 @@ def restore_cell(archive_cell_dir: str, cell_dir: str, config) -> bool:
       (the flagfile changed since) is not, with a warning naming the
       fields: the cell trains again and its new records replace it.
     """
-    archived = _read_json(os.path.join(archive_cell_dir, "metrics.json"))
-    if archived is None or os.path.exists(
-            os.path.join(cell_dir, "metrics.json")):
+    if _finished(cell_dir) or not _finished(archive_cell_dir):
         return False
     previous = _read_json(os.path.join(archive_cell_dir, "config.json"))
     differences = workdir_lib.config_differences(previous or {},
@@ -1098,8 +1096,8 @@ def plot_example_weights(grid, rows, setting, path):
     One row per method that learns a weight per training example (LFM's B,
     the penalty method's a; `example_weights.npz`); columns: clean vs
     corrupted examples (when there is label noise) and head vs tail classes
-    (when the run's imbalance_factor > 1: head = the classes with at least
-    the median training count, by observed label). Returns None when no run
+    (when the run's imbalance_factor > 1: tail as in `tail_classes`, by
+    observed label). Returns None when no run
     has per-example weights.
     """
     found = []
@@ -1115,9 +1113,8 @@ def plot_example_weights(grid, rows, setting, path):
             weights.append(saved["weights"].reshape(-1))
             corrupted.append(saved["is_corrupted"].astype(bool))
             labels.append(saved["train_labels"])
-            config = _read_json(os.path.join(row["_dir"], "config.json"))
-            imbalanced |= bool(
-                config and config["data"]["imbalance_factor"] > 1)
+            imbalanced |= _imbalanced(
+                _read_json(os.path.join(row["_dir"], "config.json")))
         if weights:
             found.append((method.name, np.concatenate(weights),
                           np.concatenate(corrupted), np.concatenate(labels),
@@ -1143,8 +1140,8 @@ def plot_example_weights(grid, rows, setting, path):
             left.text(0.5, 0.5, "no corrupted labels", ha="center",
                       transform=left.transAxes)
         left.set_title(f"{name}: clean vs corrupted")
-        counts = np.bincount(labels)
-        head = counts[labels] >= np.median(counts[counts > 0])
+        # The report's head / tail rule, on the counts pooled over seeds.
+        head = ~tail_classes(np.bincount(labels))[labels]
         # Noise alone makes observed counts differ a little; head and tail
         # only mean something under a long tail (imbalance_factor > 1).
         if imbalanced:

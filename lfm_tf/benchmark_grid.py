@@ -27,9 +27,9 @@ mid-training resumes from its own whole-state checkpoint. Several workers
 may run the same command on one machine (or one shared disk) at once: each
 trains a cell only while it holds that cell's claim (`fcntl.flock` on
 `<cell>/.grid_lock`, released by the kernel when a worker dies, so a killed
-worker leaves no stale claim) and passes over cells another worker holds. A cell that raises
-is recorded (`cell.json`, status `failed`, with the error) and the grid goes
-on; a rerun tries it again. Model selection inside each cell is on validation
+worker leaves no stale claim) and passes over cells another worker holds.
+A cell that raises is recorded (`cell.json`, status `failed`, with the
+error) and the grid goes on; a rerun tries it again. Model selection inside each cell is on validation
 only and the test set is read once per cell, by `train_lib`; this module only
 reads what the cells wrote (`metrics.json`, `test_predictions.npz`,
 `example_weights.npz`, `splits.npz`), never the data.
@@ -1097,8 +1097,7 @@ def plot_example_weights(grid, rows, setting, path):
     the penalty method's a; `example_weights.npz`); columns: clean vs
     corrupted examples (when there is label noise) and head vs tail classes
     (when the run's imbalance_factor > 1: tail as in `tail_classes`, by
-    observed label). Returns None when no run
-    has per-example weights.
+    observed label). Returns None when no run has per-example weights.
     """
     found = []
     for method in grid.methods:

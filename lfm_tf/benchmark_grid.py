@@ -148,6 +148,26 @@ class Grid:
         return [Cell(s, m, seed) for seed in self.seeds for s in self.settings
                 for m in self.methods]
 
+    def training_order(self, first: Sequence[str] = ()) -> List[Cell]:
+        """`cells()`, those of the methods named in `first` at every seed
+        before any other: a long grid that spans sessions gets its key
+        comparison to all its seeds before the secondary arms start.
+
+        Raises:
+          ValueError: a name in `first` is not one of the grid's methods.
+        """
+        names = [m.name for m in self.methods]
+        unknown = [name for name in first if name not in names]
+        if unknown:
+            raise ValueError(
+                f"Received --grid_first={','.join(first)}, whose "
+                f"{', '.join(unknown)} is not a method of the grid; expected "
+                f"names from --grid_methods ({', '.join(names)}). Fix the "
+                "name or drop it.")
+        cells = self.cells()
+        return ([c for c in cells if c.method.name in first]
+                + [c for c in cells if c.method.name not in first])
+
     def config_for(self, base, cell):
         """The validated config of `cell`: base, setting, method, seed."""
         overrides = dict(cell.setting.overrides)
@@ -440,7 +460,8 @@ def restore_grid(grid: Grid, base, workdir: str, archive: str) -> int:
 
 
 def run_grid(grid: Grid, base, workdir: str, train_fn=None,
-             archive: Optional[str] = None) -> List[CellResult]:
+             archive: Optional[str] = None,
+             first: Sequence[str] = ()) -> List[CellResult]:
     """Runs every unfinished cell, in order, then writes nothing else.
 
     Args:
@@ -452,14 +473,15 @@ def run_grid(grid: Grid, base, workdir: str, train_fn=None,
       archive: optional folder of finished cells' records (see
         `restore_grid`): restored before the cells run, and each cell
         that finishes is archived at once.
+      first: methods whose cells train first (`Grid.training_order`).
 
     Returns:
-      one `CellResult` per cell, in grid order.
+      one `CellResult` per cell, in training order.
     """
+    cells = grid.training_order(first)
     if archive:
         restore_grid(grid, base, workdir, archive)
     results = []
-    cells = grid.cells()
     for number, cell in enumerate(cells, 1):
         cell_dir = os.path.join(workdir, cell.relative_dir())
         label = f"[{number}/{len(cells)}] {cell.relative_dir()}"

@@ -50,6 +50,11 @@ def define_grid_flags(flag_values=FLAGS):
         "if100:imbalance_factor=100).", flag_values=flag_values)
     flags.DEFINE_list("grid_seeds", ["0"], "Seeds of every cell.",
                       flag_values=flag_values)
+    flags.DEFINE_list(
+        "grid_first", [],
+        "Methods (names from --grid_methods) whose cells train first, at "
+        "every seed, before any other method's; the default order is "
+        "seed-major.", flag_values=flag_values)
     flags.DEFINE_bool(
         "grid_report_only", False,
         "Write results.csv/.md and plots from the finished cells; train "
@@ -72,6 +77,7 @@ def main(argv):
         base = flags_lib.config_from_flags()
         grid = benchmark_grid.parse_grid(
             FLAGS.grid_methods, FLAGS.grid_settings, FLAGS.grid_seeds, base)
+        grid.training_order(FLAGS.grid_first)  # Names checked up front.
     logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
                  len(grid.methods), len(grid.settings), len(grid.seeds),
                  len(grid.cells()))
@@ -81,7 +87,8 @@ def main(argv):
                                         FLAGS.grid_archive)
     else:
         results = benchmark_grid.run_grid(grid, base, FLAGS.workdir,
-                                          archive=FLAGS.grid_archive)
+                                          archive=FLAGS.grid_archive,
+                                          first=FLAGS.grid_first)
         counts = {s: sum(r.status == s for r in results)
                   for s in ("done", "skipped", "busy", "failed")}
         print(f"Cells: {counts['done']} trained, {counts['skipped']} "

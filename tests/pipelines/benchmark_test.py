@@ -465,6 +465,45 @@ class GridEntryTest(unittest.TestCase):
             self.assertIn("fix the entry in --grid_methods", result.stderr)
             self.assertFalse(os.path.exists(workdir))
 
+    def test_grid_first_trains_the_named_methods_at_every_seed_first(self):
+        grid = benchmark_grid.parse_grid(
+            ["erm", "focal", "lfm"], ["a:noise_type=none", "b:noise_type=none"],
+            ["0", "1"])
+        order = [(c.method.name, c.setting.name, c.seed)
+                 for c in grid.training_order(["lfm", "erm"])]
+        # The named methods' cells keep the grid's own (seed-major) order.
+        self.assertEqual(order[:8], [
+            ("erm", "a", 0), ("lfm", "a", 0), ("erm", "b", 0), ("lfm", "b", 0),
+            ("erm", "a", 1), ("lfm", "a", 1), ("erm", "b", 1), ("lfm", "b", 1)])
+        self.assertEqual(order[8:], [("focal", "a", 0), ("focal", "b", 0),
+                                     ("focal", "a", 1), ("focal", "b", 1)])
+        self.assertEqual(sorted(order), sorted(
+            (c.method.name, c.setting.name, c.seed) for c in grid.cells()))
+        trained = []
+
+        def train(config, workdir):
+            trained.append(os.path.relpath(workdir, root))
+            with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                json.dump({"test_accuracy": 0.5}, f)
+
+        with tempfile.TemporaryDirectory() as root:
+            benchmark_grid.run_grid(grid, config_lib.ExperimentConfig(),
+                                    root, train, first=["focal"])
+        self.assertEqual(trained[:4], [
+            os.path.join("runs", s, "focal", f"seed_{k}")
+            for k in (0, 1) for s in ("a", "b")])
+        self.assertEqual(len(trained), 12)
+
+    def test_command_line_unknown_grid_first_writes_nothing(self):
+        with tempfile.TemporaryDirectory() as parent:
+            workdir = os.path.join(parent, "never")
+            result = _run("--flagfile=configs/benchmark/smoke.flags",
+                          "--grid_first=erm,lfmm", f"--workdir={workdir}")
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn("--grid_first=erm,lfmm, whose lfmm is not a method",
+                          result.stderr)
+            self.assertFalse(os.path.exists(workdir))
+
 
 class ShippedGridsTest(unittest.TestCase):
     """Every configs/benchmark/*.flags parses into a grid of valid cells."""

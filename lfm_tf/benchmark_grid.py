@@ -29,10 +29,11 @@ trains a cell only while it holds that cell's claim (`fcntl.flock` on
 `<cell>/.grid_lock`, released by the kernel when a worker dies, so a killed
 worker leaves no stale claim) and passes over cells another worker holds.
 A cell that raises is recorded (`cell.json`, status `failed`, with the
-error) and the grid goes on; a rerun tries it again. Model selection inside each cell is on validation
-only and the test set is read once per cell, by `train_lib`; this module only
-reads what the cells wrote (`metrics.json`, `test_predictions.npz`,
-`example_weights.npz`, `splits.npz`), never the data.
+error) and the grid goes on; a rerun tries it again. Model selection inside
+each cell is on validation only and the test set is read once per cell, by
+`train_lib`; this module only reads what the cells wrote (`metrics.json`,
+`test_predictions.npz`, `example_weights.npz`, `splits.npz`), never the
+data.
 
 A grid of CPU hours spans sessions and checkouts: with an archive folder
 (`--grid_archive`, committed), every finished cell's `config.json`,

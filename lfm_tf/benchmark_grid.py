@@ -544,6 +544,8 @@ def _train_cell(grid, base, cell, cell_dir, train_fn, archive):
     record = {"setting": cell.setting.describe(),
               "method": cell.method.describe(), "seed": cell.seed,
               "machine": machine_description(),
+              # Several workers on one machine each run single-threaded.
+              "threads": os.environ.get("TF_NUM_INTRAOP_THREADS", "all"),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         train_fn(config, cell_dir)
@@ -743,11 +745,12 @@ def collect_rows(grid: Grid, workdir: str) -> List[Dict]:
             # New columns go last, so results.csv's earlier ones keep their
             # places.
             **dict.fromkeys(_REPORT_FIELDS),
+            "train_seconds": None,
         }
         if metrics:
             for key in ("test_accuracy", "best_val_accuracy", "best_epoch",
                         "final_b_clean_mean", "final_b_corrupted_mean",
-                        "test_accuracy_per_class"):
+                        "test_accuracy_per_class", "train_seconds"):
                 row[key] = metrics.get(key)
             row.update(_report_fields(cell_dir, metrics))
         rows.append(row)
@@ -781,16 +784,31 @@ def _mean_std(values):
     return float(np.mean(values)), std, len(values)
 
 
+def cell_seconds(row):
+    """A finished cell's cost in seconds, and whether it is only a
+    lower bound: the run's summed epoch times (`train_seconds`, across
+    resumes), else (runs from before they were recorded) `cell.json`'s
+    wall time of the last invocation, which misses the time before a
+    restart."""
+    if row.get("train_seconds") is not None:
+        return row["train_seconds"], False
+    return row["wall_time_s"], row["wall_time_s"] is not None
+
+
 def summary(grid: Grid, rows: Sequence[Dict]):
-    """{(setting, method): (mean, std, n, mean wall time)} of finished runs."""
+    """{(setting, method): (mean, std, n, mean seconds, partial)} of
+    finished runs; `partial` when a run's seconds are only its last
+    invocation's (`cell_seconds`)."""
     table = {}
     for setting in grid.settings:
         for method in grid.methods:
             mine = [r for r in rows if r["setting"] == setting.name
                     and r["method"] == method.name and r["status"] == "done"]
             mean, std, n = _mean_std([r["test_accuracy"] for r in mine])
-            wall, _, _ = _mean_std([r["wall_time_s"] for r in mine])
-            table[(setting.name, method.name)] = (mean, std, n, wall)
+            seconds = [cell_seconds(r) for r in mine]
+            wall, _, _ = _mean_std([value for value, _ in seconds])
+            table[(setting.name, method.name)] = (
+                mean, std, n, wall, any(partial for _, partial in seconds))
     return table
 
 
@@ -924,7 +942,7 @@ def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
     for method in grid.methods:
         cells = []
         for setting in settings:
-            mean, std, n, _ = table[(setting, method.name)]
+            mean, std, n, *_ = table[(setting, method.name)]
             if mean is None:
                 cells.append("–")
                 continue
@@ -936,14 +954,21 @@ def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
             cells.append(f"{text} ({n})")
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
     lines += head_tail_lines(grid, rows) + lfm_diagnostics_lines(grid, rows)
-    lines += ["", "Wall time per cell (s, mean over finished seeds):", "",
+    lines += ["", "Time per cell (s, mean over finished seeds): the run's "
+              "epochs, training and validation, summed across restarts"
+              + ("; * marks a mean with runs from before that was recorded, "
+                 "which count their last invocation only (a lower bound)"
+                 if any(entry[4] for entry in table.values()) else "")
+              + ". Workers sharing the cores (`cell.json`'s `threads`) "
+              "make each cell slower:", "",
               "| method | " + " | ".join(settings) + " |",
               "|---|" + "---|" * len(settings)]
     for method in grid.methods:
         cells = []
         for setting in settings:
-            wall = table[(setting, method.name)][3]
-            cells.append("–" if wall is None else f"{wall:.0f}")
+            _, _, _, wall, partial = table[(setting, method.name)]
+            cells.append("–" if wall is None
+                         else f"{wall:.0f}" + ("*" if partial else ""))
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
     lines += status_lines(rows, machine) + [
         "",
@@ -1048,6 +1073,10 @@ def plot_per_class(grid, rows, path):
         if order is not None:
             axis.set_xticks(np.arange(len(order)), [str(c) for c in order])
             axis.legend(fontsize="x-small")
+        else:
+            # A partial grid: say so rather than draw empty axes.
+            axis.text(0.5, 0.5, "no finished run yet", ha="center",
+                      va="center", transform=axis.transAxes)
     figure.suptitle("Per-class test accuracy (mean over seeds)")
     return _save(figure, path)
 

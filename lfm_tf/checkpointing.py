@@ -9,7 +9,9 @@ A checkpoint is one directory `<workdir>/backup/ckpt-<n>/` holding
                    the seed-generator state of stochastic layers;
     state.json     the data position (global step; epoch and step within it
                    follow), the best validation value of model selection and
-                   the per-epoch history.
+                   the per-epoch history, with each epoch's seconds
+                   (`EPOCH_SECONDS`: a resumed epoch counts from its resume),
+                   so a run's training time survives its restarts.
 
 It is written to `tmp-ckpt-<n>` and renamed, so a directory named `ckpt-*`
 is always complete; the newest `keep` are kept. The training stream is
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Optional
 
 import keras
@@ -154,6 +157,10 @@ def _checkpoint(model) -> tf.train.Checkpoint:
         model=model, variables=[getattr(v, "value", v) for v in variables])
 
 
+# The history key of each epoch's wall time (training and validation).
+EPOCH_SECONDS = "epoch_seconds"
+
+
 class BackupAndRestore(keras.callbacks.Callback):
     """Checkpoints every `every_steps` steps and at every epoch end; resumes.
 
@@ -182,8 +189,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.history = dict(state["history"]) if state else {}
         if state and model_checkpoint is not None:
             model_checkpoint.best = state.get("best")
+        self._epoch_start = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.monotonic()
         # After Keras reset the metrics: the restored trackers carry the
         # killed epoch's running means on.
         if self._pending is not None:
@@ -204,6 +213,9 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
+        # Keras calls this after the epoch's validation pass.
+        self.history.setdefault(EPOCH_SECONDS, []).append(
+            time.monotonic() - self._epoch_start)
         self.save()
 
     def state(self) -> dict:

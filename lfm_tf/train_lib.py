@@ -300,6 +300,8 @@ def _final_metrics(model, data, history, workdir=None):
     `pipelines.benchmark` never read the test set again.
     """
     val_curve = [float(v) for v in history.history.get("val_accuracy", [])]
+    epoch_seconds = [round(float(v), 3) for v in history.history.get(
+        checkpointing.EPOCH_SECONDS, [])]
     logits = model.predict(data["test"], verbose=0)
     predictions = np.argmax(logits, axis=1)
     labels = data["test_labels"]
@@ -313,6 +315,13 @@ def _final_metrics(model, data, history, workdir=None):
         "best_val_accuracy": max(val_curve) if val_curve else None,
         "best_epoch": int(np.argmax(val_curve)) + 1 if val_curve else None,
         "val_accuracy_per_epoch": val_curve,
+        # Seconds of each epoch (training and validation, across resumes):
+        # the run's cost, which a restarted process's wall time is not.
+        # None where some epochs went untimed (resumed from a checkpoint
+        # written before epochs were timed).
+        "epoch_seconds": epoch_seconds,
+        "train_seconds": (float(sum(epoch_seconds))
+                          if len(epoch_seconds) == len(val_curve) else None),
         "test_accuracy": float(np.mean(predictions == labels)),
         "test_accuracy_per_class": per_class,
         "num_train": int(data["facts"].num_train),

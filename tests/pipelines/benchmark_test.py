@@ -46,6 +46,14 @@ class SmokeGridTest(unittest.TestCase):
                 metrics = json.load(f)
             self.assertEqual(sum(metrics["train_class_counts"]),
                              metrics["num_train"])
+            # One time per epoch, and the cost the report reads is their sum.
+            self.assertEqual(len(metrics["epoch_seconds"]),
+                             len(metrics["val_accuracy_per_epoch"]))
+            self.assertTrue(all(t > 0 for t in metrics["epoch_seconds"]))
+            self.assertAlmostEqual(metrics["train_seconds"],
+                                   sum(metrics["epoch_seconds"]), places=6)
+            with open(os.path.join(cells[0], "cell.json")) as f:
+                self.assertIn("threads", json.load(f))
             # Only LFM learns a weight per training example.
             self.assertTrue(os.path.exists(
                 os.path.join(cells[1], "example_weights.npz")))
@@ -70,6 +78,7 @@ class SmokeGridTest(unittest.TestCase):
             self.assertFalse([k for k in rows[0] if k.startswith("_")])
             for row in rows:
                 self.assertGreater(float(row["wall_time_s"]), 0)
+                self.assertGreater(float(row["train_seconds"]), 0)
                 self.assertTrue(0 <= float(row["test_accuracy"]) <= 1)
             with open(os.path.join(workdir, "results.md")) as f:
                 markdown = f.read()
@@ -127,6 +136,23 @@ class ReportTest(unittest.TestCase):
         self.assertIn("| lfm | 78.50 ± 0.71 (2) |", markdown)
         self.assertEqual(markdown.count("**"), 2 + 2)  # Legend + one cell.
         self.assertIn("Machine: box.", markdown)
+
+    def test_time_table_prefers_summed_epochs_and_marks_last_invocations(self):
+        rows = _rows({"erm": [0.70, 0.72], "mwnet": [0.80, 0.84],
+                      "lfm": [0.78, 0.79]})
+        for row in rows:
+            # A restarted run: its epochs took far longer than the last
+            # invocation's wall time.
+            row["train_seconds"] = 30.0 if row["method"] != "lfm" else None
+        markdown = benchmark_grid.results_markdown(self.grid, rows, "box")
+        self.assertIn("| erm | 30 |", markdown)
+        self.assertIn("| lfm | 1* |", markdown)
+        self.assertIn("* marks a mean", markdown)
+        for row in rows:
+            row["train_seconds"] = 30.0
+        markdown = benchmark_grid.results_markdown(self.grid, rows, "box")
+        self.assertIn("| lfm | 30 |", markdown)
+        self.assertNotIn("* marks", markdown)
 
     def test_failed_cell_is_recorded_and_the_grid_goes_on(self):
         calls = []

@@ -126,6 +126,9 @@ class ResumeTest(tf.test.TestCase, parameterized.TestCase):
         with open(os.path.join(resumed, "metrics.json")) as f:
             resumed_metrics = json.load(f)
         self.assertLen(resumed_metrics["val_accuracy_per_epoch"], EPOCHS)
+        # The killed process's epochs still count in the run's time.
+        self.assertLen(resumed_metrics["epoch_seconds"], EPOCHS)
+        self.assertGreater(min(resumed_metrics["epoch_seconds"]), 0)
         self.assertEqual(straight_metrics["val_accuracy_per_epoch"],
                          resumed_metrics["val_accuracy_per_epoch"])
         self.assertEqual(straight_metrics["test_accuracy"],

@@ -925,6 +925,40 @@ def status_lines(rows: Sequence[Dict], machine: str) -> List[str]:
     ]
 
 
+def remaining_lines(rows: Sequence[Dict]) -> List[str]:
+    """How long the unfinished cells will take, where it can be told.
+
+    A pending (or failed) cell is estimated by the mean `cell_seconds` of
+    the finished seeds of its method in its setting, so the estimate holds
+    for the speed the grid has run at (workers sharing cores included);
+    a cell with no such seed yet is counted, not guessed.
+
+    Returns:
+      [] for a finished grid; else a blank line and one line of text.
+    """
+    unfinished = [r for r in rows if r["status"] != "done"]
+    if not unfinished:
+        return []
+    known = {}
+    for row in rows:
+        if row["status"] == "done":
+            known.setdefault((row["setting"], row["method"]), []).append(
+                cell_seconds(row)[0])
+    estimates = [np.mean([v for v in known[(r["setting"], r["method"])]
+                          if v is not None])
+                 for r in unfinished
+                 if any(v is not None for v in
+                        known.get((r["setting"], r["method"]), [None]))]
+    text = (f"Left: {len(unfinished)} cells. {len(estimates)} of them have "
+            "a finished seed of their method in their setting")
+    if estimates:
+        text += (f": about {sum(estimates) / 3600:.1f} h of one worker at "
+                 "the speed those ran at")
+    missing = len(unfinished) - len(estimates)
+    return ["", text + (f"; no estimate yet for the other {missing}."
+                        if missing else ".")]
+
+
 def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
                      title: str = "Benchmark grid") -> str:
     """Mean ± std test accuracy (%) per method x setting, best in bold."""
@@ -970,7 +1004,7 @@ def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
             cells.append("–" if wall is None
                          else f"{wall:.0f}" + ("*" if partial else ""))
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
-    lines += status_lines(rows, machine) + [
+    lines += status_lines(rows, machine) + remaining_lines(rows) + [
         "",
         "Methods: " + "; ".join(m.describe() for m in grid.methods) + ".",
         "Settings: " + "; ".join(s.describe() for s in grid.settings) + ".",

@@ -137,6 +137,24 @@ class ReportTest(unittest.TestCase):
         self.assertEqual(markdown.count("**"), 2 + 2)  # Legend + one cell.
         self.assertIn("Machine: box.", markdown)
 
+    def test_remaining_time_is_estimated_from_finished_seeds_only(self):
+        rows = _rows({"erm": [0.70], "lfm": [0.78]})
+        rows[0]["train_seconds"] = 1800.0
+        rows[1]["train_seconds"] = 7200.0
+        rows += [dict(setting="s", method=method, seed=1, status=status,
+                      test_accuracy=None, wall_time_s=None, workdir="x")
+                 for method, status in (("erm", "pending"),
+                                        ("lfm", "failed"),
+                                        ("mwnet", "pending"))]
+        # erm (0.5 h) and lfm (2 h) are estimated; mwnet has no finished
+        # seed.
+        self.assertEqual(benchmark_grid.remaining_lines(rows), [
+            "", "Left: 3 cells. 2 of them have a finished seed of their "
+            "method in their setting: about 2.5 h of one worker at the "
+            "speed those ran at; no estimate yet for the other 1."])
+        finished = [r for r in rows if r["status"] == "done"]
+        self.assertEqual(benchmark_grid.remaining_lines(finished), [])
+
     def test_time_table_prefers_summed_epochs_and_marks_last_invocations(self):
         rows = _rows({"erm": [0.70, 0.72], "mwnet": [0.80, 0.84],
                       "lfm": [0.78, 0.79]})

@@ -374,6 +374,16 @@ def machine_description():
     return text
 
 
+def runs_machines(rows: Sequence[Dict]) -> str:
+    """The machines the finished cells ran on (`cell.json`), `; `-joined
+    in first-seen order: a report written elsewhere (another checkout, a
+    laptop reading a GPU grid's archive) names the machines of the runs,
+    not its own. This machine where no finished cell recorded one."""
+    machines = [r["machine"] for r in rows
+                if r["status"] == "done" and r.get("machine")]
+    return "; ".join(dict.fromkeys(machines)) or machine_description()
+
+
 @dataclasses.dataclass
 class CellResult:
     """What happened to one cell in this invocation.
@@ -1299,7 +1309,8 @@ def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
     Args:
       grid: the `Grid`.
       workdir: the grid's directory.
-      machine: the machine line (default: this one).
+      machine: the machine line (default: the machines the finished
+        cells recorded, `runs_machines`).
       title: results.md's title.
       extra_fields: optional `row -> {column: value}`, columns appended to
         every row (and results.csv), e.g. a NAS protocol's parameter counts.
@@ -1313,7 +1324,7 @@ def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
     if extra_fields is not None:
         for row in rows:
             row.update(extra_fields(row))
-    machine = machine or machine_description()
+    machine = machine or runs_machines(rows)
     csv_path = os.path.join(workdir, "results.csv")
     md_path = os.path.join(workdir, "results.md")
     fileio.write_text(csv_path, results_csv(rows))

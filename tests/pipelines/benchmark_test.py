@@ -137,6 +137,18 @@ class ReportTest(unittest.TestCase):
         self.assertEqual(markdown.count("**"), 2 + 2)  # Legend + one cell.
         self.assertIn("Machine: box.", markdown)
 
+    def test_machine_line_names_the_runs_machines(self):
+        rows = _rows({"erm": [0.70, 0.72], "lfm": [0.78]})
+        rows[0]["machine"] = rows[2]["machine"] = "gpu box"
+        rows[1]["machine"] = "cpu box"
+        rows.append(dict(setting="s", method="mwnet", seed=0,
+                         status="pending", machine="elsewhere"))
+        self.assertEqual(benchmark_grid.runs_machines(rows),
+                         "gpu box; cpu box")
+        # No finished cell recorded one: the machine writing the report.
+        self.assertEqual(benchmark_grid.runs_machines(rows[3:]),
+                         benchmark_grid.machine_description())
+
     def test_remaining_time_is_estimated_from_finished_seeds_only(self):
         rows = _rows({"erm": [0.70], "lfm": [0.78]})
         rows[0]["train_seconds"] = 1800.0

@@ -71,6 +71,7 @@ from absl import logging
 
 from lfm_tf import config as config_lib
 from lfm_tf import fileio
+from lfm_tf import grid_comparison
 from lfm_tf import workdir as workdir_lib
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -970,8 +971,12 @@ def remaining_lines(rows: Sequence[Dict]) -> List[str]:
 
 
 def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
-                     title: str = "Benchmark grid") -> str:
-    """Mean ± std test accuracy (%) per method x setting, best in bold."""
+                     title: str = "Benchmark grid",
+                     compare: Sequence[str] = (),
+                     controls: Sequence[str] = ()) -> str:
+    """Mean ± std test accuracy (%) per method x setting, best in bold;
+    then, when `compare` and `controls` name arms, where the arms under
+    test stand against the controls (`grid_comparison`)."""
     table = summary(grid, rows)
     best = _best_methods(grid, table)
     settings = [s.name for s in grid.settings]
@@ -997,6 +1002,8 @@ def results_markdown(grid: Grid, rows: Sequence[Dict], machine: str,
                 text = f"**{text}**"
             cells.append(f"{text} ({n})")
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
+    lines += grid_comparison.comparison_lines(rows, settings, compare,
+                                              controls)
     lines += head_tail_lines(grid, rows) + lfm_diagnostics_lines(grid, rows)
     lines += ["", "Time per cell (s, mean over finished seeds): the run's "
               "epochs, training and validation, summed across restarts"
@@ -1303,7 +1310,8 @@ def plot_alignment(grid, rows, path):
 
 def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
                  title: str = "Benchmark grid", extra_fields=None,
-                 markdown_fn=None) -> Dict[str, object]:
+                 markdown_fn=None, compare: Sequence[str] = (),
+                 controls: Sequence[str] = ()) -> Dict[str, object]:
     """Writes results.csv, results.md and plots/*.png from the cells' files.
 
     Args:
@@ -1316,6 +1324,8 @@ def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
         every row (and results.csv), e.g. a NAS protocol's parameter counts.
       markdown_fn: optional `(grid, rows, machine, title) -> str` replacing
         `results_markdown` (the plots are appended either way).
+      compare, controls: method names; the arms under test and the arms
+        they are compared with (`grid_comparison`), in `results_markdown`.
 
     Returns:
       {"csv": path, "markdown": path, "plots": [paths], "rows": rows}.
@@ -1328,7 +1338,11 @@ def write_report(grid: Grid, workdir: str, machine: Optional[str] = None,
     csv_path = os.path.join(workdir, "results.csv")
     md_path = os.path.join(workdir, "results.md")
     fileio.write_text(csv_path, results_csv(rows))
-    markdown = (markdown_fn or results_markdown)(grid, rows, machine, title)
+    if markdown_fn is None:
+        markdown = results_markdown(grid, rows, machine, title,
+                                    compare=compare, controls=controls)
+    else:
+        markdown = markdown_fn(grid, rows, machine, title)
     plot_dir = os.path.join(workdir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     for row in rows:

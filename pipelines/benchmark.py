@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 
 from lfm_tf import benchmark_grid
+from lfm_tf import grid_comparison
 from pipelines import flags as flags_lib
 
 FLAGS = flags.FLAGS
@@ -55,6 +56,17 @@ def define_grid_flags(flag_values=FLAGS):
         "Methods (names from --grid_methods) whose cells train first, at "
         "every seed, before any other method's; the default order is "
         "seed-major.", flag_values=flag_values)
+    flags.DEFINE_list(
+        "grid_compare", [],
+        "Methods under test (names from --grid_methods): the report gives "
+        "each one's test accuracy minus each --grid_controls arm's, paired "
+        "by seed, and says in words where it loses.",
+        flag_values=flag_values)
+    flags.DEFINE_list(
+        "grid_controls", [],
+        "Control methods (names from --grid_methods) the --grid_compare "
+        "arms are compared with, e.g. step-matched ERM, an ablation, the "
+        "loss-only baselines.", flag_values=flag_values)
     flags.DEFINE_bool(
         "grid_report_only", False,
         "Write results.csv/.md and plots from the finished cells; train "
@@ -77,7 +89,10 @@ def main(argv):
         base = flags_lib.config_from_flags()
         grid = benchmark_grid.parse_grid(
             FLAGS.grid_methods, FLAGS.grid_settings, FLAGS.grid_seeds, base)
-        grid.training_order(FLAGS.grid_first)  # Names checked up front.
+        # Names checked up front, before hours of training.
+        grid.training_order(FLAGS.grid_first)
+        grid_comparison.validate_arms([m.name for m in grid.methods],
+                                      FLAGS.grid_compare, FLAGS.grid_controls)
     logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
                  len(grid.methods), len(grid.settings), len(grid.seeds),
                  len(grid.cells()))
@@ -94,8 +109,9 @@ def main(argv):
         print(f"Cells: {counts['done']} trained, {counts['skipped']} "
               f"skipped (finished before), {counts['busy']} left to other "
               f"workers, {counts['failed']} failed.")
-    report = benchmark_grid.write_report(grid, FLAGS.workdir,
-                                         title=FLAGS.grid_title)
+    report = benchmark_grid.write_report(
+        grid, FLAGS.workdir, title=FLAGS.grid_title,
+        compare=FLAGS.grid_compare, controls=FLAGS.grid_controls)
     with open(report["markdown"]) as f:
         print(f.read())
     print(f"Report written to {os.path.abspath(FLAGS.workdir)}: results.csv, "

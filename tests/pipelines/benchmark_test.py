@@ -12,6 +12,7 @@ import numpy as np
 
 from lfm_tf import benchmark_grid
 from lfm_tf import config as config_lib
+from lfm_tf import grid_comparison
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -593,6 +594,9 @@ class ShippedGridsTest(unittest.TestCase):
                     values.grid_methods, values.grid_settings,
                     values.grid_seeds, base)
                 self.assertGreater(len(grid.cells()), 0)
+                grid_comparison.validate_arms(
+                    [m.name for m in grid.methods], values.grid_compare,
+                    values.grid_controls)
 
 
 if __name__ == "__main__":

@@ -158,17 +158,41 @@ class Grid:
         Raises:
           ValueError: a name in `first` is not one of the grid's methods.
         """
-        names = [m.name for m in self.methods]
-        unknown = [name for name in first if name not in names]
-        if unknown:
-            raise ValueError(
-                f"Received --grid_first={','.join(first)}, whose "
-                f"{', '.join(unknown)} is not a method of the grid; expected "
-                f"names from --grid_methods ({', '.join(names)}). Fix the "
-                "name or drop it.")
+        self.check_names("--grid_first", first)
         cells = self.cells()
         return ([c for c in cells if c.method.name in first]
                 + [c for c in cells if c.method.name not in first])
+
+    def check_names(self, flag: str, names: Sequence[str]) -> None:
+        """Raises ValueError naming `flag` if a name is not a method."""
+        methods = [m.name for m in self.methods]
+        unknown = [name for name in names if name not in methods]
+        if unknown:
+            raise ValueError(
+                f"Received {flag}={','.join(names)}, whose "
+                f"{', '.join(unknown)} is not a method of the grid; expected "
+                f"names from --grid_methods ({', '.join(methods)}). Fix the "
+                "name or drop it.")
+
+    def check_comparison(self, compare: Sequence[str],
+                         controls: Sequence[str]) -> None:
+        """Checks `--grid_compare` and `--grid_controls` (the report's
+        `grid_comparison`): methods of the grid, both or neither.
+
+        Raises:
+          ValueError: an unknown name, or one list without the other.
+        """
+        self.check_names("--grid_compare", compare)
+        self.check_names("--grid_controls", controls)
+        if bool(compare) != bool(controls):
+            given, missing = (("--grid_compare", "--grid_controls")
+                              if compare else
+                              ("--grid_controls", "--grid_compare"))
+            raise ValueError(
+                f"Received {given} without {missing}; expected both (the "
+                "arms under test and the arms they are compared with), "
+                "e.g. --grid_compare=lfm --grid_controls=erm_2x,"
+                "logit_adjusted, or neither.")
 
     def config_for(self, base, cell):
         """The validated config of `cell`: base, setting, method, seed."""

@@ -15,33 +15,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 
-def validate_arms(method_names: Sequence[str], compare: Sequence[str],
-                  controls: Sequence[str]) -> None:
-    """Checks that `compare` and `controls` name methods of the grid.
-
-    Raises:
-      ValueError: an unknown name, or a list given without the other; the
-        message names the flag and the grid's methods.
-    """
-    for flag, names in (("--grid_compare", compare),
-                        ("--grid_controls", controls)):
-        unknown = [name for name in names if name not in method_names]
-        if unknown:
-            raise ValueError(
-                f"Received {flag}={','.join(names)}, whose "
-                f"{', '.join(unknown)} is not a method of the grid; expected "
-                f"names from --grid_methods ({', '.join(method_names)}). Fix "
-                "the name or drop it.")
-    if bool(compare) != bool(controls):
-        given, missing = (("--grid_compare", "--grid_controls") if compare
-                          else ("--grid_controls", "--grid_compare"))
-        raise ValueError(
-            f"Received {given} without {missing}; expected both (the arms "
-            "under test and the arms they are compared with), e.g. "
-            "--grid_compare=lfm --grid_controls=erm_2x,logit_adjusted, or "
-            "neither.")
-
-
 def paired_differences(rows: Sequence[Dict], setting: str, arm: str,
                        control: str) -> List[float]:
     """Test accuracy of `arm` minus `control`, in points, per seed.

@@ -31,7 +31,6 @@ from absl import flags
 from absl import logging
 
 from lfm_tf import benchmark_grid
-from lfm_tf import grid_comparison
 from pipelines import flags as flags_lib
 
 FLAGS = flags.FLAGS
@@ -91,8 +90,7 @@ def main(argv):
             FLAGS.grid_methods, FLAGS.grid_settings, FLAGS.grid_seeds, base)
         # Names checked up front, before hours of training.
         grid.training_order(FLAGS.grid_first)
-        grid_comparison.validate_arms([m.name for m in grid.methods],
-                                      FLAGS.grid_compare, FLAGS.grid_controls)
+        grid.check_comparison(FLAGS.grid_compare, FLAGS.grid_controls)
     logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
                  len(grid.methods), len(grid.settings), len(grid.seeds),
                  len(grid.cells()))

@@ -110,14 +110,16 @@ class VerdictTest(unittest.TestCase):
 class ValidateTest(unittest.TestCase):
 
     def test_unknown_or_lone_names_raise_with_the_fix(self):
+        grid = benchmark_grid.parse_grid(["erm", "lfm"], ["s:noise_type=none"],
+                                         ["0"])
         with self.assertRaisesRegex(ValueError, "--grid_controls=erm,ermm, "
                                     "whose ermm is not a method"):
-            grid_comparison.validate_arms(["erm", "lfm"], ["lfm"],
-                                          ["erm", "ermm"])
+            grid.check_comparison(["lfm"], ["erm", "ermm"])
         with self.assertRaisesRegex(ValueError, "--grid_compare without "
                                     "--grid_controls"):
-            grid_comparison.validate_arms(["erm", "lfm"], ["lfm"], [])
-        grid_comparison.validate_arms(["erm", "lfm"], [], [])
+            grid.check_comparison(["lfm"], [])
+        grid.check_comparison([], [])
+        grid.check_comparison(["lfm"], ["erm"])
 
     def test_command_line_unknown_control_writes_nothing(self):
         with tempfile.TemporaryDirectory() as parent:

@@ -37,9 +37,16 @@ def example_weight_summary(weights, splits):
     return summary
 
 
-def _example_weights_of(model):
+def example_weights_of(model, splits):
+    """B by training position, float [n_train], or None without B."""
     table = getattr(model, "example_weight_table", None)
-    return None if table is None else table.values.numpy()
+    if table is None:
+        return None
+    if hasattr(model, "example_weights_by_position"):
+        # LFM-DR's B may be per class: expanded by the observed labels.
+        return np.asarray(model.example_weights_by_position(
+            np.asarray(splits.train_labels)))
+    return table.values.numpy()
 
 
 class ExampleWeightLogger(keras.callbacks.Callback):
@@ -54,7 +61,7 @@ class ExampleWeightLogger(keras.callbacks.Callback):
         self.splits = splits
 
     def on_epoch_end(self, epoch, logs=None):
-        weights = _example_weights_of(self.model)
+        weights = example_weights_of(self.model, self.splits)
         summary = example_weight_summary(weights, self.splits)
         for key in ("b_clean_mean", "b_corrupted_mean"):
             if summary[key] is not None and logs is not None:
@@ -64,14 +71,14 @@ class ExampleWeightLogger(keras.callbacks.Callback):
 
 def weight_diagnostics(model, splits):
     """The diagnostic callbacks that apply to `model` (maybe none)."""
-    if _example_weights_of(model) is None:
+    if example_weights_of(model, splits) is None:
         return []
     return [ExampleWeightLogger(splits)]
 
 
 def final_weight_summary(model, splits):
     """`example_weight_summary` of the final B, or {} without B."""
-    weights = _example_weights_of(model)
+    weights = example_weights_of(model, splits)
     if weights is None:
         return {}
     return {

@@ -21,6 +21,7 @@ EVALUATED_LEARNERS = ("w1", "w2", "ensemble")
 LFM_OBJECTIVES = ("paper", "shared", "both")
 MISTAKE_WEIGHTINGS = ("learned", "none")
 MISTAKE_SIGNALS = ("example", "class")
+EXAMPLE_WEIGHT_GRANULARITIES = ("example", "class")
 WEIGHT_NORMALIZATIONS = ("none", "batch_mean")
 LOSSES = ("ce", "focal", "logit_adjusted", "balanced_softmax", "ldam", "gce")
 # The methods whose every learner step takes its per-example loss from
@@ -56,6 +57,7 @@ CHOICES = {
     "lfm_objective": LFM_OBJECTIVES,
     "mistake_weighting": MISTAKE_WEIGHTINGS,
     "mistake_signal": MISTAKE_SIGNALS,
+    "example_weight_granularity": EXAMPLE_WEIGHT_GRANULARITIES,
     "weight_normalization": WEIGHT_NORMALIZATIONS,
     "loss": LOSSES,
     "dbl_validation": DBL_VALIDATION,
@@ -344,6 +346,12 @@ class MethodConfig:
         the paper) or on its class, the mean of u over the meta batch's
         examples of that label (`class`): a class-level error rate, less
         noisy than one example's loss, which is what a long tail needs.
+      example_weight_granularity: LFM-DR's B as one weight per training
+        example (`example`, the paper) or one per (observed) class,
+        b_i = B[y_i] (`class`): 10 meta-parameters for the long tail
+        instead of one per image, and a per-example signal left to the
+        mistake term a alone (under `example`, B's hypergradient is the
+        same per-example quantity as a's and leaves a nothing to add).
       mistake_temperature: tau of a_i = sigmoid(s_i / tau), s_i the
         paper's sum_j x_ij z_ij u_j r_j (1.0, the paper). Below 1 it widens
         a's range over the same mistakes: once W1 fits, u is ~0.1-0.5 and
@@ -417,6 +425,7 @@ class MethodConfig:
     lfm_objective: str = "paper"
     mistake_weighting: str = "learned"
     mistake_signal: str = "example"
+    example_weight_granularity: str = "example"
     mistake_temperature: float = 1.0
     mistake_centering: bool = False
     weighting_init: float = 1.0
@@ -505,6 +514,9 @@ class MethodConfig:
                       MISTAKE_WEIGHTINGS)
         _check_choice("mistake_signal", self.mistake_signal,
                       MISTAKE_SIGNALS)
+        _check_choice("example_weight_granularity",
+                      self.example_weight_granularity,
+                      EXAMPLE_WEIGHT_GRANULARITIES)
         _check_positive("mistake_temperature", self.mistake_temperature)
         _check_positive("diagnostics_every", self.diagnostics_every,
                         allow_zero=True)

@@ -342,7 +342,7 @@ def _final_metrics(model, data, history, workdir=None):
     if workdir is not None:
         _write_npz(os.path.join(workdir, "test_predictions.npz"),
                    labels=np.asarray(labels), predictions=predictions)
-        weights = _example_weights(model)
+        weights = _example_weights(model, data["splits"])
         if weights is not None:
             _write_npz(os.path.join(workdir, "example_weights.npz"),
                        weights=weights,
@@ -351,16 +351,16 @@ def _final_metrics(model, data, history, workdir=None):
     return metrics
 
 
-def _example_weights(model):
+def _example_weights(model, splits):
     """Learned per-example weights by training position, or None.
 
     LFM's B is a table; the penalty method keeps logits u and exposes
     a = example_weights(index). Methods whose weights are a function of
     the loss (MW-Net, L2RW) have no per-example table and give None.
     """
-    table = getattr(model, "example_weight_table", None)
-    if table is not None:
-        return np.asarray(table.values.numpy(), dtype=np.float32)
+    weights = callbacks_lib.example_weights_of(model, splits)
+    if weights is not None:
+        return np.asarray(weights, dtype=np.float32)
     logits = getattr(model, "example_weight_logits", None)
     if logits is not None and hasattr(model, "example_weights"):
         index = tf.range(tf.shape(logits)[0])

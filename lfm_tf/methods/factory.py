@@ -229,7 +229,9 @@ def _build_lfm(config, facts):
         w2_head=w2_head,
         w2_sgd=_sgd(config, facts, config.optimizer.w2_learning_rate, "w2_sgd"),
         encoder=encoder,
-        num_train=facts.num_train,
+        num_train=(facts.num_classes
+                   if method.example_weight_granularity == "class"
+                   else facts.num_train),
         num_weighting=num_weighting,
         config=method,
         optimizer_config=config.optimizer,

@@ -60,7 +60,8 @@ class LFM(base.MethodModel):
       w2_head: W2's head.
       w2_sgd: `FunctionalSGD` of W2.
       encoder: V, images -> embeddings; None under PS (V = W1's trunk).
-      num_train: training set size (length of B).
+      num_train: length of B: the training set size, or the number of
+        classes under `example_weight_granularity=class`.
       num_weighting: length of r (meta set size, or meta batch size when
         positional).
       config: `MethodConfig`.
@@ -224,10 +225,27 @@ class LFM(base.MethodModel):
             meta, w2_step.params,
             None if w1_meta is None else w1_meta[0])
 
+    def b_ids(self, train):
+        """Each training example's entry of B, int [B]: its position in
+        the training set, or its observed label under
+        `example_weight_granularity=class` (B's gradient then sums over a
+        class's examples: `tf.scatter_nd` adds repeated ids)."""
+        if self.config.example_weight_granularity == "class":
+            return train["label"]
+        return train["index"]
+
+    def example_weights_by_position(self, train_labels):
+        """b_i of every training example by position, float [N], from the
+        observed training labels (int [N]; used under `class`)."""
+        values = self.example_weight_table.values
+        if self.config.example_weight_granularity == "class":
+            return tf.gather(values, train_labels)
+        return tf.convert_to_tensor(values)
+
     # Stage 1.
     def learn(self, train) -> Step:
         """W1' from the B-weighted training loss (paper stage 1)."""
-        b = self.example_weight_table.gather(train["index"])
+        b = self.example_weight_table.gather(self.b_ids(train))
         return self._unrolled_step(
             self.w1, self.sgd, self.w1.current(), train, b
         )
@@ -296,7 +314,8 @@ class LFM(base.MethodModel):
         step by ranking examples, not by scaling its learning rate."""
         if self.config.lfm_objective != "shared":
             return a
-        b = tf.cast(self.example_weight_table.gather(train["index"]), a.dtype)
+        b = tf.cast(self.example_weight_table.gather(self.b_ids(train)),
+                    a.dtype)
         return mistake_weighting.normalize_weights(b * a, "batch_mean")
 
     def relearn(self, train, a, w1_params) -> Step:
@@ -424,7 +443,7 @@ class LFM(base.MethodModel):
             self._step_scale(self.sgd, v1), tf.shape(a)[0],
         )
         b_grad = tf.scatter_nd(
-            tf.cast(train["index"], tf.int64)[:, None], d_b,
+            tf.cast(self.b_ids(train), tf.int64)[:, None], d_b,
             tf.shape(self.example_weight_table.values, out_type=tf.int64),
         )
         if b_direct is not None:
@@ -628,12 +647,12 @@ class LFM(base.MethodModel):
             self._step_scale(self.sgd, v), tf.shape(train["label"])[0],
         )
         return tf.scatter_nd(
-            tf.cast(train["index"], tf.int64)[:, None], d_b,
+            tf.cast(self.b_ids(train), tf.int64)[:, None], d_b,
             tf.shape(self.example_weight_table.values, out_type=tf.int64),
         )
 
     def report(self, train, a, w1_step, w2_step, val_loss):
-        b = self.example_weight_table.gather(train["index"])
+        b = self.example_weight_table.gather(self.b_ids(train))
         tail = diagnostics.class_membership(train["label"],
                                             self.tail_classes, a.dtype)
         self._trackers["a_head"].update_state(a, sample_weight=1.0 - tail)

@@ -36,7 +36,8 @@ def _build(**overrides):
     keras.utils.set_random_seed(0)
     model = factory.build_method(config.validate(), facts)
     rng = np.random.default_rng(3)
-    model.example_weight_table.values.assign(rng.uniform(0.5, 1.5, NUM_TRAIN))
+    table = model.example_weight_table
+    table.values.assign(rng.uniform(0.5, 1.5, table.size))
     weighting = model.weighting_table.values
     weighting.assign(rng.uniform(0.5, 1.5, weighting.shape[0]))
     return model
@@ -60,7 +61,10 @@ def _batches():
 
 def _checked_entries(model):
     """(variable index in hyper_variables, flat position) pairs to check."""
-    entries = [(0, 3), (0, 0), (0, 7), (0, 9), (1, 2), (1, 3), (1, 0)]
+    # B per training example (the batch's indices 3, 0, 7, 9), or per class.
+    b_positions = ([3, 0, 7, 9] if model.example_weight_table.size == NUM_TRAIN
+                   else range(CLASSES))
+    entries = [(0, p) for p in b_positions] + [(1, 2), (1, 3), (1, 0)]
     if len(model.hyper_variables()) > 2:
         entries += [(2, 0), (2, 7)]
     return entries
@@ -88,6 +92,10 @@ _CHAINED_CASES = [
      {"lfm_objective": "shared", "single_network": True}, True, True),
     ("shared_separate_without_mistakes",
      {"lfm_objective": "shared", "mistake_weighting": "none"}, False, False),
+    # B per class under the main job's objective.
+    ("class_weights_shared_single_network",
+     {"lfm_objective": "shared", "single_network": True,
+      "example_weight_granularity": "class"}, False, False),
 ]
 
 
@@ -174,6 +182,12 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
         ("both_parameter_sharing", {"lfm_objective": "both",
                                     "encoder": "shared"}),
         # The mistake term's knobs (README, "The mistake term").
+        # B per class (b_i = B[y_i]): its gradient sums over a class.
+        ("class_weights", {"example_weight_granularity": "class"}),
+        ("class_weights_shared_single_network",
+         {"example_weight_granularity": "class", "lfm_objective": "shared",
+          "single_network": True, "mistake_centering": True,
+          "mistake_temperature": 0.1}),
         ("class_mistakes_temperature", {"mistake_signal": "class",
                                         "mistake_temperature": 0.3,
                                         "mistake_centering": True,
@@ -275,6 +289,38 @@ class LfmObjectiveTest(tf.test.TestCase):
         b = model.example_weight_table.values.numpy()[train["index"]]
         expected = b * a.numpy() / np.mean(b * a.numpy())
         self.assertAllClose(model.relearn_weights(train, a), expected)
+
+    def test_class_weights_are_b_of_the_observed_label(self):
+        """Per-class B: one entry per class, b_i = B[y_i] in both steps,
+        its hypergradient the sum of the per-example model's over each
+        class's examples, and by position it expands by the labels."""
+        train, meta = _batches()
+        per_class = _build(lfm_objective="shared",
+                           example_weight_granularity="class")
+        self.assertEqual(per_class.example_weight_table.size, CLASSES)
+        values = per_class.example_weight_table.values.numpy()
+        a = per_class.weigh_mistakes(train, meta,
+                                     per_class.learn(train).params)
+        b = values[train["label"].numpy()]
+        self.assertAllClose(per_class.relearn_weights(train, a),
+                            b * a.numpy() / np.mean(b * a.numpy()))
+        # The per-example model with B_i = B[y_i] takes the same steps.
+        per_example = _build(lfm_objective="shared")
+        labels = np.zeros(NUM_TRAIN, np.int64)
+        labels[train["index"].numpy()] = train["label"].numpy()
+        per_example.example_weight_table.values.assign(values[labels])
+        # _build's random r depends on B's length: take the same r.
+        per_example.weighting_table.values.assign(
+            per_class.weighting_table.values)
+        self.assertAllClose(per_example.example_weights_by_position(labels),
+                            per_class.example_weights_by_position(labels))
+        grads_class = per_class.hypergradients(train, meta)[-1][0].numpy()
+        grads_example = per_example.hypergradients(train, meta)[-1][0]
+        per_example_rows = tf.gather(grads_example, train["index"]).numpy()
+        expected = np.bincount(train["label"].numpy(),
+                               weights=per_example_rows, minlength=CLASSES)
+        self.assertAllClose(grads_class, expected)
+        self.assertGreater(np.abs(grads_class).min(), 0.0)
 
     def test_both_adds_w1_validation_loss(self):
         train, meta = _batches()

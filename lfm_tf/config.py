@@ -59,6 +59,7 @@ CHOICES = {
     "mistake_signal": MISTAKE_SIGNALS,
     "example_weight_granularity": EXAMPLE_WEIGHT_GRANULARITIES,
     "weight_normalization": WEIGHT_NORMALIZATIONS,
+    "example_weight_normalization": WEIGHT_NORMALIZATIONS,
     "loss": LOSSES,
     "dbl_validation": DBL_VALIDATION,
     "arch_order": ARCH_ORDERS,
@@ -352,6 +353,9 @@ class MethodConfig:
         instead of one per image, and a per-example signal left to the
         mistake term a alone (under `example`, B's hypergradient is the
         same per-example quantity as a's and leaves a nothing to add).
+      example_weight_normalization: stage 1's weights as b_i (`none`,
+        the paper: B's scale multiplies W1's learning rate) or
+        b_i / mean_batch(b) (`batch_mean`: B only ranks W1's examples).
       mistake_temperature: tau of a_i = sigmoid(s_i / tau), s_i the
         paper's sum_j x_ij z_ij u_j r_j (1.0, the paper). Below 1 it widens
         a's range over the same mistakes: once W1 fits, u is ~0.1-0.5 and
@@ -426,6 +430,7 @@ class MethodConfig:
     mistake_weighting: str = "learned"
     mistake_signal: str = "example"
     example_weight_granularity: str = "example"
+    example_weight_normalization: str = "none"
     mistake_temperature: float = 1.0
     mistake_centering: bool = False
     weighting_init: float = 1.0
@@ -514,6 +519,9 @@ class MethodConfig:
                       MISTAKE_WEIGHTINGS)
         _check_choice("mistake_signal", self.mistake_signal,
                       MISTAKE_SIGNALS)
+        _check_choice("example_weight_normalization",
+                      self.example_weight_normalization,
+                      WEIGHT_NORMALIZATIONS)
         _check_choice("example_weight_granularity",
                       self.example_weight_granularity,
                       EXAMPLE_WEIGHT_GRANULARITIES)

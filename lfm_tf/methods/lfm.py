@@ -234,6 +234,30 @@ class LFM(base.MethodModel):
             return train["label"]
         return train["index"]
 
+    def learn_weights(self, train):
+        """Stage 1's per-example weights, float [B]: b_i, or under
+        `example_weight_normalization=batch_mean` b_i / mean_batch(b) (B
+        then ranks W1's examples and cannot scale its step)."""
+        return mistake_weighting.normalize_weights(
+            self.example_weight_table.gather(self.b_ids(train)),
+            self.config.example_weight_normalization)
+
+    def b_gradient(self, train, d_weights):
+        """dL/dB, dense like B, from dL/d(stage 1's weights) (float [B]):
+        back through the normalisation, then summed into B's entries."""
+        if self.config.example_weight_normalization != "none":
+            b = self.example_weight_table.gather(self.b_ids(train))
+            with tf.GradientTape() as tape:
+                tape.watch(b)
+                weights = mistake_weighting.normalize_weights(
+                    b, self.config.example_weight_normalization)
+            d_weights = tape.gradient(
+                weights, b, output_gradients=tf.cast(d_weights, b.dtype))
+        return tf.scatter_nd(
+            tf.cast(self.b_ids(train), tf.int64)[:, None], d_weights,
+            tf.shape(self.example_weight_table.values, out_type=tf.int64),
+        )
+
     def example_weights_by_position(self, train_labels):
         """b_i of every training example by position, float [N], from the
         observed training labels (int [N]; used under `class`)."""
@@ -245,9 +269,9 @@ class LFM(base.MethodModel):
     # Stage 1.
     def learn(self, train) -> Step:
         """W1' from the B-weighted training loss (paper stage 1)."""
-        b = self.example_weight_table.gather(self.b_ids(train))
         return self._unrolled_step(
-            self.w1, self.sgd, self.w1.current(), train, b
+            self.w1, self.sgd, self.w1.current(), train,
+            self.learn_weights(train)
         )
 
     # Stage 2.
@@ -442,10 +466,7 @@ class LFM(base.MethodModel):
                              head_only),
             self._step_scale(self.sgd, v1), tf.shape(a)[0],
         )
-        b_grad = tf.scatter_nd(
-            tf.cast(self.b_ids(train), tf.int64)[:, None], d_b,
-            tf.shape(self.example_weight_table.values, out_type=tf.int64),
-        )
+        b_grad = self.b_gradient(train, d_b)
         if b_direct is not None:
             b_grad += tf.cast(tf.convert_to_tensor(b_direct), b_grad.dtype)
         return w1_step, a, w2_step, val_loss, [b_grad, r_grad] + list(
@@ -646,10 +667,7 @@ class LFM(base.MethodModel):
                              head_only),
             self._step_scale(self.sgd, v), tf.shape(train["label"])[0],
         )
-        return tf.scatter_nd(
-            tf.cast(self.b_ids(train), tf.int64)[:, None], d_b,
-            tf.shape(self.example_weight_table.values, out_type=tf.int64),
-        )
+        return self.b_gradient(train, d_b)
 
     def report(self, train, a, w1_step, w2_step, val_loss):
         b = self.example_weight_table.gather(self.b_ids(train))

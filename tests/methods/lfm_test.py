@@ -92,6 +92,9 @@ _CHAINED_CASES = [
      {"lfm_objective": "shared", "single_network": True}, True, True),
     ("shared_separate_without_mistakes",
      {"lfm_objective": "shared", "mistake_weighting": "none"}, False, False),
+    ("normalised_b_shared_single_network_clipped_momentum",
+     {"lfm_objective": "shared", "single_network": True,
+      "example_weight_normalization": "batch_mean"}, True, True),
     # B per class under the main job's objective.
     ("class_weights_shared_single_network",
      {"lfm_objective": "shared", "single_network": True,
@@ -188,6 +191,10 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
          {"example_weight_granularity": "class", "lfm_objective": "shared",
           "single_network": True, "mistake_centering": True,
           "mistake_temperature": 0.1}),
+        # Stage 1 weighted by b / mean_batch(b): B's scale drops out.
+        ("normalised_b_shared_single_network",
+         {"example_weight_normalization": "batch_mean",
+          "lfm_objective": "shared", "single_network": True}),
         ("class_mistakes_temperature", {"mistake_signal": "class",
                                         "mistake_temperature": 0.3,
                                         "mistake_centering": True,
@@ -322,6 +329,18 @@ class LfmObjectiveTest(tf.test.TestCase):
         self.assertAllClose(grads_class, expected)
         self.assertGreater(np.abs(grads_class).min(), 0.0)
 
+    def test_normalised_b_ranks_without_scaling_the_step(self):
+        train, meta = _batches()
+        for mode, scale_matters in (("none", True), ("batch_mean", False)):
+            model = _build(lfm_objective="shared",
+                           example_weight_normalization=mode)
+            before = model.run_stages(train, meta)[-1].numpy()
+            table = model.example_weight_table.values
+            table.assign(3.0 * table)
+            after = model.run_stages(train, meta)[-1].numpy()
+            self.assertEqual(abs(after - before) > 1e-6, scale_matters, mode)
+        self.assertAllClose(tf.reduce_mean(model.learn_weights(train)), 1.0)
+
     def test_both_adds_w1_validation_loss(self):
         train, meta = _batches()
         paper = _build().run_stages(train, meta)[-1]
@@ -372,6 +391,8 @@ class LfmDiagnosticsTest(tf.test.TestCase, parameterized.TestCase):
         # The chain rule of `w1_validation_gradient` passes the clip's
         # Jacobian; a larger step keeps the difference above round-off.
         ("clip_binds", {"grad_clip_norm": 0.05}, 1e-4),
+        # Both gradients pass back through stage 1's normalisation.
+        ("normalised_b", {"example_weight_normalization": "batch_mean"}),
     )
     def test_alignment_is_the_cosine_with_w1_validation_gradient(
             self, overrides, h=1e-5):

@@ -41,7 +41,10 @@ A grid of CPU hours spans sessions and checkouts: with an archive folder
 the archived cells whose configuration still matches, so they are neither
 trained again nor missing from the report (which then lacks only the
 confusion matrices and weight histograms of restored cells: their `.npz`
-files are not archived).
+files are not archived). A cell longer than a session resumes across
+checkouts too: `save_progress` archives each unfinished cell's newest
+whole-state checkpoint, and the worker that next claims the cell puts it
+back before training.
 
 The report, in `<workdir>/`: `results.csv` (one row per run), `results.md`
 (mean ± std of test accuracy per method x setting with the best mean per
@@ -60,6 +63,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -477,6 +481,168 @@ def restore_cell(archive_cell_dir: str, cell_dir: str, config) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- progress
+#
+# A cell longer than a session (exact LFM on the CIFAR long tail: about
+# three hours of one core) would never finish if each session started it
+# again. `save_progress` copies each unfinished cell's newest whole-state
+# checkpoint and its best-on-validation weights into `<archive>/<cell>/
+# progress/`; the worker that next claims the cell, in any checkout, puts
+# them back and `train_lib` resumes from them. TensorBoard logs stay behind.
+
+PROGRESS_DIR = "progress"
+_BACKUP = "backup"
+_BEST = os.path.join("checkpoints", "best.weights.h5")
+_CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
+
+
+def _latest_state(cell_dir):
+    """The newest complete whole-state checkpoint's state, or None."""
+    # Imported here: TensorFlow, which reports and finished grids skip.
+    from lfm_tf import checkpointing  # pylint: disable=g-import-not-at-top
+    return checkpointing.Manager(
+        os.path.join(cell_dir, _BACKUP)).latest_state()
+
+
+def _step(state):
+    return -1 if state is None else int(state["global_step"])
+
+
+def _copy_checkpoint(state, cell_dir, destination, number):
+    """Copies a cell's checkpoint `state` (and best weights) to `destination`.
+
+    The checkpoint lands as `<destination>/backup/ckpt-<number>` through a
+    temporary directory, so a `ckpt-*` directory is always whole.
+    """
+    backup = os.path.join(destination, _BACKUP)
+    os.makedirs(backup, exist_ok=True)
+    scratch = os.path.join(backup, f"tmp-ckpt-{number}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(state["path"], scratch)
+    best = os.path.join(cell_dir, _BEST)
+    if os.path.exists(best):
+        os.makedirs(os.path.dirname(os.path.join(destination, _BEST)),
+                    exist_ok=True)
+        shutil.copy2(best, os.path.join(destination, _BEST))
+    shutil.copy2(os.path.join(cell_dir, "config.json"),
+                 os.path.join(destination, "config.json"))
+    os.rename(scratch, os.path.join(backup, f"ckpt-{number}"))
+
+
+def _consistent_state(cell_dir, wait_s):
+    """The newest checkpoint of a cell, taken when the best weights match it.
+
+    At an epoch end the model selection writes `best.weights.h5` a moment
+    before the whole-state checkpoint of that epoch: weights newer than the
+    newest checkpoint belong to an epoch a resume would train again, so
+    this waits (up to `wait_s`) for that epoch's checkpoint.
+
+    Returns:
+      the checkpoint's state (with `path`), or None (none yet, or still
+      inconsistent after `wait_s`).
+    """
+    best = os.path.join(cell_dir, _BEST)
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = _latest_state(cell_dir)
+        if state is None:
+            return None
+        written = os.stat(os.path.join(state["path"], "state.json")).st_mtime
+        if not os.path.exists(best) or os.stat(best).st_mtime <= written:
+            return state
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.5)
+
+
+def save_progress(grid: Grid, base, workdir: str, archive: str,
+                  wait_s: float = 120.0) -> int:
+    """Archives each unfinished cell's newest checkpoint (`PROGRESS_DIR`).
+
+    Safe while workers train: it only reads their files, and the archive's
+    copy is replaced whole (a temporary folder, then a rename).
+
+    Args:
+      grid: the `Grid`.
+      base: the `ExperimentConfig` every cell starts from.
+      workdir: the grid's directory.
+      archive: the archive folder (`--grid_archive`).
+      wait_s: how long to wait for an epoch end's checkpoint to be written.
+
+    Returns:
+      how many cells' progress was archived (newer than the archive's).
+    """
+    saved = 0
+    for cell in grid.cells():
+        cell_dir = os.path.join(workdir, cell.relative_dir())
+        archive_cell_dir = os.path.join(archive, cell.relative_dir())
+        progress = os.path.join(archive_cell_dir, PROGRESS_DIR)
+        if _finished(cell_dir) or not os.path.exists(
+                os.path.join(cell_dir, "config.json")):
+            continue
+        differences = workdir_lib.config_differences(
+            _read_json(os.path.join(cell_dir, "config.json")) or {},
+            grid.config_for(base, cell).to_dict())
+        if differences:
+            logging.warning("%s ran another configuration (%s); its "
+                            "progress is not archived.", cell_dir,
+                            "; ".join(differences))
+            continue
+        state = _consistent_state(cell_dir, wait_s)
+        if state is None:
+            logging.info("%s: no consistent checkpoint yet.", cell_dir)
+            continue
+        if _step(state) <= _step(_latest_state(progress)):
+            continue
+        scratch = os.path.join(archive_cell_dir, PROGRESS_DIR + ".tmp")
+        shutil.rmtree(scratch, ignore_errors=True)
+        _copy_checkpoint(state, cell_dir, scratch, 1)
+        shutil.rmtree(progress, ignore_errors=True)
+        os.rename(scratch, progress)
+        logging.info("%s: progress archived at global step %d (epoch %d).",
+                     cell.relative_dir(), state["global_step"],
+                     state["epoch"])
+        saved += 1
+    return saved
+
+
+def restore_progress(archive_cell_dir: str, cell_dir: str, config) -> bool:
+    """Puts an archived unfinished cell's checkpoint back into `cell_dir`.
+
+    Called by the worker holding the cell, before it trains. Nothing is
+    restored when the cell's own newest checkpoint is as far on, or when
+    the archive ran another configuration (a warning names the fields).
+
+    Returns:
+      whether the cell now resumes from the archived checkpoint.
+    """
+    progress = os.path.join(archive_cell_dir, PROGRESS_DIR)
+    archived = _latest_state(progress)
+    if archived is None:
+        return False
+    differences = workdir_lib.config_differences(
+        _read_json(os.path.join(progress, "config.json")) or {},
+        config.to_dict())
+    if differences:
+        logging.warning("Archived progress %s ran another configuration "
+                        "(%s); not resumed from.", progress,
+                        "; ".join(differences))
+        return False
+    from lfm_tf import checkpointing  # pylint: disable=g-import-not-at-top
+    local = checkpointing.Manager(os.path.join(cell_dir, _BACKUP))
+    if _step(archived) <= _step(local.latest_state()):
+        return False
+    # Numbered after every local checkpoint: the newest number is resumed.
+    names = (os.listdir(local.directory) if os.path.isdir(local.directory)
+             else [])
+    numbers = [int(m.group(1)) for m in map(_CHECKPOINT_NAME.fullmatch, names)
+               if m]
+    _copy_checkpoint(archived, progress, cell_dir, max(numbers, default=0) + 1)
+    logging.info("%s: resumes from archived progress at global step %d.",
+                 cell_dir, archived["global_step"])
+    return True
+
+
 def restore_grid(grid: Grid, base, workdir: str, archive: str) -> int:
     """Restores every archived cell of `grid` into `workdir`.
 
@@ -533,6 +699,10 @@ def run_grid(grid: Grid, base, workdir: str, train_fn=None,
                 results.append(CellResult(cell, cell_dir, "skipped"))
             elif held:
                 logging.info("%s: training.", label)
+                if archive:
+                    restore_progress(
+                        os.path.join(archive, cell.relative_dir()),
+                        cell_dir, grid.config_for(base, cell))
                 results.append(_train_cell(grid, base, cell, cell_dir,
                                            train_fn, archive))
             else:
@@ -598,6 +768,8 @@ def _train_cell(grid, base, cell, cell_dir, train_fn, archive):
                       json.dumps(record, indent=2, sort_keys=True))
     if archive and record["status"] == "done":
         archive_cell(cell_dir, os.path.join(archive, cell.relative_dir()))
+        shutil.rmtree(os.path.join(archive, cell.relative_dir(),
+                                   PROGRESS_DIR), ignore_errors=True)
     _clear_session()
     return CellResult(cell, cell_dir, record["status"], record["error"])
 

@@ -19,7 +19,10 @@ share of the cores (TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 for
 two workers on two cores: 1.4x the steps per second of one worker, measured
 on ResNet-8). With --grid_archive=<folder>, each finished cell's records are copied
 there as it finishes (commit the folder), and a run in another checkout
-restores them instead of training those cells again. At the end (and with
+restores them instead of training those cells again; with
+--grid_save_progress (no training; safe beside running workers) each
+unfinished cell's newest checkpoint goes there too, and the next worker to
+claim that cell, in any checkout, resumes it. At the end (and with
 --grid_report_only, without training) it writes <workdir>/results.csv,
 results.md and plots/*.png; see `lfm_tf/benchmark_grid.py`.
 """
@@ -79,6 +82,14 @@ def define_grid_flags(flag_values=FLAGS):
         "is copied there, and a later run, even in a fresh clone, restores "
         "the cells that ran the same configuration instead of training "
         "them.", flag_values=flag_values)
+    flags.DEFINE_bool(
+        "grid_save_progress", False,
+        "Copy each unfinished cell's newest whole-state checkpoint and "
+        "best weights into --grid_archive (<cell>/progress/, replaced "
+        "whole), safe while workers train; train nothing. Commit it "
+        "before a session or machine ends: the worker that next claims "
+        "the cell, in any checkout, resumes from it.",
+        flag_values=flag_values)
 
 
 def main(argv):
@@ -94,6 +105,17 @@ def main(argv):
     logging.info("Grid: %d methods x %d settings x %d seeds = %d cells.",
                  len(grid.methods), len(grid.settings), len(grid.seeds),
                  len(grid.cells()))
+    if FLAGS.grid_save_progress:
+        if not FLAGS.grid_archive:
+            raise app.UsageError(
+                "Received --grid_save_progress without --grid_archive; "
+                "expected the archive folder the progress goes to. Add "
+                "--grid_archive=<folder> (the flagfile's, to resume there).")
+        saved = benchmark_grid.save_progress(grid, base, FLAGS.workdir,
+                                             FLAGS.grid_archive)
+        print(f"Progress of {saved} unfinished cells archived in "
+              f"{FLAGS.grid_archive}.")
+        return
     if FLAGS.grid_report_only:
         if FLAGS.grid_archive:
             benchmark_grid.restore_grid(grid, base, FLAGS.workdir,

@@ -1,11 +1,13 @@
 """pipelines.benchmark: a tiny grid end to end, resume, report, bad input."""
 
 import csv
+import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -278,6 +280,187 @@ class ArchiveTest(unittest.TestCase):
             with open(os.path.join(archive, "runs", "lt", "erm", "seed_0",
                                    "config.json")) as f:
                 self.assertEqual(json.load(f)["train"]["epochs"], 7)
+
+
+def _write_checkpoint(cell_dir, number, global_step, best=b"best"):
+    """A stand-in whole-state checkpoint (and best weights) of a cell."""
+    checkpoint = os.path.join(cell_dir, "backup", f"ckpt-{number}")
+    os.makedirs(checkpoint)
+    with open(os.path.join(checkpoint, "state.ckpt.index"), "wb") as f:
+        f.write(f"variables at {global_step}".encode())
+    with open(os.path.join(checkpoint, "state.json"), "w") as f:
+        json.dump({"global_step": global_step, "epoch": global_step // 3,
+                   "step_in_epoch": global_step % 3, "history": {}}, f)
+    weights = os.path.join(cell_dir, "checkpoints", "best.weights.h5")
+    os.makedirs(os.path.dirname(weights), exist_ok=True)
+    with open(weights, "wb") as f:
+        f.write(best)
+    # Written before the checkpoint, as the model selection does.
+    written = os.stat(os.path.join(checkpoint, "state.json")).st_mtime
+    os.utime(weights, (written - 5, written - 5))
+    return checkpoint
+
+
+class ProgressTest(unittest.TestCase):
+    """--grid_save_progress: an unfinished cell resumes in another checkout."""
+
+    def setUp(self):
+        self.grid = benchmark_grid.parse_grid(
+            ["erm"], ["lt:imbalance_factor=4"], ["0"])
+        self.base = config_lib.ExperimentConfig()
+        self.config = self.grid.config_for(self.base, self.grid.cells()[0])
+        self.seen = []
+        self.root = self.enterContext(tempfile.TemporaryDirectory())
+        self.archive = os.path.join(self.root, "archive")
+        self.relative = os.path.join("runs", "lt", "erm", "seed_0")
+
+    def _cell(self, workdir, config=None):
+        cell_dir = os.path.join(workdir, self.relative)
+        os.makedirs(cell_dir, exist_ok=True)
+        with open(os.path.join(cell_dir, "config.json"), "w") as f:
+            f.write((config or self.config).to_json())
+        return cell_dir
+
+    def _train(self, config, workdir):
+        """Records what a resuming train_lib would resume from."""
+        del config
+        state = benchmark_grid._latest_state(workdir)  # pylint: disable=protected-access
+        with open(os.path.join(workdir, "checkpoints",
+                               "best.weights.h5"), "rb") as f:
+            self.seen.append((os.path.basename(state["path"]),
+                              state["global_step"], f.read()))
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump({"test_accuracy": 0.5}, f)
+
+    def _save(self, workdir, **kwargs):
+        return benchmark_grid.save_progress(self.grid, self.base, workdir,
+                                            self.archive, **kwargs)
+
+    def test_archived_progress_resumes_in_a_fresh_workdir_then_goes(self):
+        first = self._cell(os.path.join(self.root, "a"))
+        _write_checkpoint(first, 1, 3, best=b"old")
+        _write_checkpoint(first, 2, 6, best=b"epoch 2")
+        self.assertEqual(self._save(os.path.join(self.root, "a")), 1)
+        # Nothing newer since: the archive's copy stays.
+        self.assertEqual(self._save(os.path.join(self.root, "a")), 0)
+        progress = os.path.join(self.archive, self.relative,
+                                benchmark_grid.PROGRESS_DIR)
+        self.assertEqual(sorted(os.listdir(progress)),
+                         ["backup", "checkpoints", "config.json"])
+        self.assertEqual(os.listdir(os.path.join(progress, "backup")),
+                         ["ckpt-1"])
+
+        results = benchmark_grid.run_grid(
+            self.grid, self.base, os.path.join(self.root, "b"), self._train,
+            archive=self.archive)
+        self.assertEqual([r.status for r in results], ["done"])
+        self.assertEqual(self.seen, [("ckpt-1", 6, b"epoch 2")])
+        # Finished: the archive keeps the records, not the checkpoint.
+        self.assertFalse(os.path.exists(progress))
+        self.assertTrue(os.path.exists(os.path.join(
+            self.archive, self.relative, "metrics.json")))
+
+    def test_the_further_checkpoint_wins_whatever_its_number(self):
+        _write_checkpoint(self._cell(os.path.join(self.root, "a")), 2, 6,
+                          best=b"archived")
+        self._save(os.path.join(self.root, "a"))
+        archived = os.path.join(self.archive, self.relative)
+        # A local run that got less far but wrote more checkpoints.
+        behind = self._cell(os.path.join(self.root, "b"))
+        _write_checkpoint(behind, 7, 3, best=b"local")
+        self.assertTrue(benchmark_grid.restore_progress(archived, behind,
+                                                        self.config))
+        ahead = self._cell(os.path.join(self.root, "c"))
+        _write_checkpoint(ahead, 1, 9, best=b"local")
+        self.assertFalse(benchmark_grid.restore_progress(archived, ahead,
+                                                         self.config))
+        self._train(None, behind)
+        self._train(None, ahead)
+        self.assertEqual(self.seen, [("ckpt-8", 6, b"archived"),
+                                     ("ckpt-1", 9, b"local")])
+
+    def test_weights_newer_than_the_checkpoint_are_not_archived(self):
+        cell_dir = self._cell(os.path.join(self.root, "a"))
+        checkpoint = _write_checkpoint(cell_dir, 1, 3)
+        weights = os.path.join(cell_dir, "checkpoints", "best.weights.h5")
+        written = os.stat(os.path.join(checkpoint, "state.json")).st_mtime
+        # The selection wrote the next epoch's best; its checkpoint is due.
+        os.utime(weights, (written + 5, written + 5))
+        self.assertEqual(self._save(os.path.join(self.root, "a"),
+                                    wait_s=0), 0)
+        os.utime(weights, (written, written))
+        self.assertEqual(self._save(os.path.join(self.root, "a"),
+                                    wait_s=0), 1)
+
+    def test_another_configuration_is_neither_archived_nor_resumed(self):
+        changed = self.config.replace(epochs=7)
+        _write_checkpoint(self._cell(os.path.join(self.root, "a"),
+                                     config=changed), 1, 3)
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertEqual(self._save(os.path.join(self.root, "a")), 0)
+        self.assertIn("train.epochs: ", "\n".join(logs.output))
+
+        archived = self._cell(os.path.join(self.root, "b"))
+        _write_checkpoint(archived, 1, 3)
+        self.assertEqual(self._save(os.path.join(self.root, "b")), 1)
+        with self.assertLogs(level="WARNING") as logs:
+            resumed = benchmark_grid.restore_progress(
+                os.path.join(self.archive, self.relative),
+                os.path.join(self.root, "c", self.relative), changed)
+        self.assertFalse(resumed)
+        self.assertIn("not resumed from", "\n".join(logs.output))
+        self.assertFalse(os.path.exists(os.path.join(self.root, "c")))
+
+    def test_command_line_needs_an_archive(self):
+        result = _run("--flagfile=configs/benchmark/smoke.flags",
+                      f"--workdir={self.root}", "--grid_save_progress")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("--grid_archive=<folder>", result.stderr)
+
+
+class KilledCellResumesElsewhereTest(unittest.TestCase):
+    """A real grid killed mid-cell resumes from its archive in a new workdir."""
+
+    def test_killed_cell_resumes_from_archived_progress(self):
+        grid = ("--flagfile=configs/benchmark/smoke.flags",
+                "--grid_methods=erm", "--epochs=3", "--steps_per_epoch=2")
+        with tempfile.TemporaryDirectory() as root:
+            first, archive = os.path.join(root, "a"), os.path.join(root, "z")
+            backup = os.path.join(first, "runs", "uniform40", "erm",
+                                  "seed_0", "backup")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.benchmark", *grid,
+                 f"--workdir={first}"], cwd=REPO,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 300
+            try:
+                # Killed once epoch 1's checkpoint exists, before epoch 3's.
+                while (time.time() < deadline and process.poll() is None
+                       and not glob.glob(os.path.join(backup, "ckpt-*"))):
+                    time.sleep(0.02)
+                process.kill()
+            finally:
+                process.wait()
+            self.assertFalse(os.path.exists(os.path.join(
+                os.path.dirname(backup), "metrics.json")), "finished first")
+            saved = _run(*grid, f"--workdir={first}", "--grid_save_progress",
+                         f"--grid_archive={archive}")
+            self.assertEqual(saved.returncode, 0, saved.stderr[-3000:])
+            self.assertIn("Progress of 1 unfinished cells", saved.stdout)
+
+            second = _run(*grid, f"--workdir={os.path.join(root, 'b')}",
+                          f"--grid_archive={archive}")
+            self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+            self.assertIn("resumes from archived progress", second.stderr)
+            self.assertIn("Resumed from", second.stderr)
+            with open(os.path.join(root, "b", "runs", "uniform40", "erm",
+                                   "seed_0", "metrics.json")) as f:
+                metrics = json.load(f)
+            # Every epoch is in the history, the killed run's included.
+            self.assertEqual(len(metrics["val_accuracy_per_epoch"]), 3)
+            self.assertFalse(os.path.exists(os.path.join(
+                archive, "runs", "uniform40", "erm", "seed_0",
+                benchmark_grid.PROGRESS_DIR)))
 
 
 class WorkersTest(unittest.TestCase):

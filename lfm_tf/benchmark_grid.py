@@ -577,6 +577,11 @@ def save_progress(grid: Grid, base, workdir: str, archive: str,
         cell_dir = os.path.join(workdir, cell.relative_dir())
         archive_cell_dir = os.path.join(archive, cell.relative_dir())
         progress = os.path.join(archive_cell_dir, PROGRESS_DIR)
+        if _finished(archive_cell_dir):
+            # Finished, here or elsewhere: a checkpoint there (left by a
+            # worker that predates this cleanup) is of no more use.
+            shutil.rmtree(progress, ignore_errors=True)
+            continue
         if _finished(cell_dir) or not os.path.exists(
                 os.path.join(cell_dir, "config.json")):
             continue

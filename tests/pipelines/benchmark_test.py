@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -356,6 +357,12 @@ class ProgressTest(unittest.TestCase):
         self.assertEqual([r.status for r in results], ["done"])
         self.assertEqual(self.seen, [("ckpt-1", 6, b"epoch 2")])
         # Finished: the archive keeps the records, not the checkpoint.
+        self.assertFalse(os.path.exists(progress))
+        # A finished cell's stale progress (archived by an older worker)
+        # goes at the next save.
+        shutil.copytree(os.path.join(self.root, "a", self.relative),
+                        progress)
+        self.assertEqual(self._save(os.path.join(self.root, "a")), 0)
         self.assertFalse(os.path.exists(progress))
         self.assertTrue(os.path.exists(os.path.join(
             self.archive, self.relative, "metrics.json")))

@@ -593,22 +593,41 @@ def save_progress(grid: Grid, base, workdir: str, archive: str,
                             "progress is not archived.", cell_dir,
                             "; ".join(differences))
             continue
+        state = _archive_progress(cell_dir, progress, wait_s)
+        if state is not None:
+            logging.info("%s: progress archived at global step %d (epoch "
+                         "%d).", cell.relative_dir(), state["global_step"],
+                         state["epoch"])
+            saved += 1
+    return saved
+
+
+def _archive_progress(cell_dir, progress, wait_s, attempts=3):
+    """Replaces `progress` with the cell's newest consistent checkpoint.
+
+    Returns:
+      the archived checkpoint's state, or None (none yet, or the archive's
+      is as far on).
+    """
+    for _ in range(attempts):
         state = _consistent_state(cell_dir, wait_s)
         if state is None:
             logging.info("%s: no consistent checkpoint yet.", cell_dir)
-            continue
+            return None
         if _step(state) <= _step(_latest_state(progress)):
-            continue
-        scratch = os.path.join(archive_cell_dir, PROGRESS_DIR + ".tmp")
+            return None
+        scratch = progress + ".tmp"
         shutil.rmtree(scratch, ignore_errors=True)
-        _copy_checkpoint(state, cell_dir, scratch, 1)
+        try:
+            _copy_checkpoint(state, cell_dir, scratch, 1)
+        except FileNotFoundError:
+            # Its worker pruned the checkpoint mid-copy, having written a
+            # newer one: take that.
+            continue
         shutil.rmtree(progress, ignore_errors=True)
         os.rename(scratch, progress)
-        logging.info("%s: progress archived at global step %d (epoch %d).",
-                     cell.relative_dir(), state["global_step"],
-                     state["epoch"])
-        saved += 1
-    return saved
+        return state
+    return None
 
 
 def restore_progress(archive_cell_dir: str, cell_dir: str, config) -> bool:

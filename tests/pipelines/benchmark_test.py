@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import unittest
+from unittest import mock
 
 import numpy as np
 
@@ -398,6 +399,27 @@ class ProgressTest(unittest.TestCase):
         os.utime(weights, (written, written))
         self.assertEqual(self._save(os.path.join(self.root, "a"),
                                     wait_s=0), 1)
+
+    def test_a_checkpoint_pruned_mid_copy_gives_way_to_the_newer_one(self):
+        cell_dir = self._cell(os.path.join(self.root, "a"))
+        old = _write_checkpoint(cell_dir, 1, 3)
+        copy = benchmark_grid._copy_checkpoint  # pylint: disable=protected-access
+
+        def pruned_while_copying(state, *args):
+            if state["path"] == old:
+                # The worker writes the next checkpoint and prunes this one.
+                _write_checkpoint(cell_dir, 2, 6)
+                shutil.rmtree(old)
+            return copy(state, *args)
+
+        with mock.patch.object(benchmark_grid, "_copy_checkpoint",
+                               pruned_while_copying):
+            self.assertEqual(self._save(os.path.join(self.root, "a")), 1)
+        progress = os.path.join(self.archive, self.relative,
+                                benchmark_grid.PROGRESS_DIR)
+        self.assertEqual(
+            benchmark_grid._latest_state(progress)["global_step"], 6)  # pylint: disable=protected-access
+        self.assertFalse(os.path.exists(progress + ".tmp"))
 
     def test_another_configuration_is_neither_archived_nor_resumed(self):
         changed = self.config.replace(epochs=7)

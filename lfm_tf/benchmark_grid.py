@@ -493,7 +493,6 @@ def restore_cell(archive_cell_dir: str, cell_dir: str, config) -> bool:
 PROGRESS_DIR = "progress"
 _BACKUP = "backup"
 _BEST = os.path.join("checkpoints", "best.weights.h5")
-_CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)")
 
 
 def _latest_state(cell_dir):
@@ -657,11 +656,7 @@ def restore_progress(archive_cell_dir: str, cell_dir: str, config) -> bool:
     if _step(archived) <= _step(local.latest_state()):
         return False
     # Numbered after every local checkpoint: the newest number is resumed.
-    names = (os.listdir(local.directory) if os.path.isdir(local.directory)
-             else [])
-    numbers = [int(m.group(1)) for m in map(_CHECKPOINT_NAME.fullmatch, names)
-               if m]
-    _copy_checkpoint(archived, progress, cell_dir, max(numbers, default=0) + 1)
+    _copy_checkpoint(archived, progress, cell_dir, local.next_number())
     logging.info("%s: resumes from archived progress at global step %d.",
                  cell_dir, archived["global_step"])
     return True

@@ -78,6 +78,11 @@ class Manager:
         complete = self._complete()
         return complete[-1][1] if complete else None
 
+    def next_number(self) -> int:
+        """n of the next `ckpt-<n>`: one past the newest complete one."""
+        complete = self._complete()
+        return complete[-1][0] + 1 if complete else 1
+
     def latest_state(self) -> Optional[dict]:
         """The `state.json` of the newest checkpoint (plus its `path`)."""
         path = self.latest()
@@ -100,7 +105,7 @@ class Manager:
           already removed).
         """
         complete = self._complete()
-        number = complete[-1][0] + 1 if complete else 1
+        number = self.next_number()
         if self.is_chief:
             final = os.path.join(self.directory, f"ckpt-{number}")
             scratch = os.path.join(self.directory, f"tmp-ckpt-{number}")

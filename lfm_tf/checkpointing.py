@@ -38,6 +38,11 @@ _STATE = "state.json"
 _PREFIX = "state.ckpt"
 
 
+def _number_after(complete):
+    """n of the checkpoint after `complete` ([(n, path)], oldest first)."""
+    return complete[-1][0] + 1 if complete else 1
+
+
 class Manager:
     """Writes, lists, prunes and restores checkpoints in one directory.
 
@@ -80,8 +85,7 @@ class Manager:
 
     def next_number(self) -> int:
         """n of the next `ckpt-<n>`: one past the newest complete one."""
-        complete = self._complete()
-        return complete[-1][0] + 1 if complete else 1
+        return _number_after(self._complete())
 
     def latest_state(self) -> Optional[dict]:
         """The `state.json` of the newest checkpoint (plus its `path`)."""
@@ -105,7 +109,7 @@ class Manager:
           already removed).
         """
         complete = self._complete()
-        number = self.next_number()
+        number = _number_after(complete)
         if self.is_chief:
             final = os.path.join(self.directory, f"ckpt-{number}")
             scratch = os.path.join(self.directory, f"tmp-ckpt-{number}")

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 SOURCES = ("digits", "folder", "tfds", "arrays")
 NOISE_TYPES = ("none", "uniform", "flip", "flip2")
 BACKBONES = ("small_cnn", "resnet8", "resnet20", "resnet32", "wrn28_10")
+HEADS = ("dense", "cosine")
 ENCODERS = ("small_cnn", "resnet18", "shared")
 SIMILARITIES = ("dot", "cosine", "l2")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order")
@@ -47,6 +48,7 @@ CHOICES = {
     "source": SOURCES,
     "noise_type": NOISE_TYPES,
     "backbone": BACKBONES,
+    "head": HEADS,
     "lr_schedule": LR_SCHEDULES,
     "method": METHODS,
     "hypergradient": HYPERGRADIENTS,
@@ -232,6 +234,9 @@ class ModelConfig:
       width: base channel count of `small_cnn`; widen factor of WRN.
       depth: depth of WRN (28 for WRN-28-10).
       dropout: dropout rate inside WRN blocks.
+      head: `dense` (z = h W + b) or `cosine` (z = s cos(h, W_c), the
+        normalised head LDAM is defined on; `models/heads.py`).
+      head_scale: the cosine head's fixed logit scale s (LDAM's 30).
       genotype: train the network of a searched cell instead of `backbone`:
         a published name (`DARTS_V2`, `DARTS_V1`, `PDARTS`), a search's
         `genotype.json` (or its workdir). `width` is then its initial
@@ -246,6 +251,8 @@ class ModelConfig:
     width: int = 16
     depth: int = 28
     dropout: float = 0.0
+    head: str = "dense"
+    head_scale: float = 30.0
     genotype: Optional[str] = None
     cells: int = 20
     auxiliary_weight: float = 0.4
@@ -263,6 +270,13 @@ class ModelConfig:
             raise ValueError(
                 f"Received dropout={self.dropout}; expected [0, 1)."
             )
+        _check_choice("head", self.head, HEADS)
+        _check_positive("head_scale", self.head_scale)
+        if self.genotype is not None and self.head != "dense":
+            raise ValueError(
+                f"Received head={self.head!r} with genotype="
+                f"{self.genotype!r}; a searched cell's network has its own "
+                "dense head. Set --head=dense or leave --genotype unset.")
         _check_positive("cells", self.cells)
         if self.genotype is not None and self.cells < 3:
             raise ValueError(
@@ -827,6 +841,14 @@ class ExperimentConfig:
                 f"{self.method.dbl_splits}."
             )
         self._validate_loss()
+        if (self.model.head != "dense" and self.method.method == "lfm"
+                and self.method.hypergradient == "first_order"):
+            raise ValueError(
+                f"Received head={self.model.head!r} with hypergradient="
+                "'first_order'; first_order uses the closed-form gradient of "
+                "a dense head. Set --hypergradient=exact (or "
+                "finite_difference), or --head=dense."
+            )
         return self
 
     def _validate_loss(self):

@@ -111,6 +111,8 @@ def training_loss(config, facts, loss=None):
         focal_gamma=config.method.focal_gamma,
         logit_adjust_tau=spec.logit_adjust_tau,
         ldam_max_margin=spec.ldam_max_margin, ldam_scale=spec.ldam_scale,
+        ldam_cosine_scale=(config.model.head_scale
+                           if config.model.head == "cosine" else None),
         gce_q=spec.gce_q, drw_start_step=drw_start_step,
         drw_beta=spec.drw_beta,
     )

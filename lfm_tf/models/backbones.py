@@ -1,7 +1,7 @@
 """Classifier backbones for the learners W1 and W2.
 
 Every backbone is a `Classifier`: a trunk (images -> features) followed by a
-head (one Dense layer, features -> logits). Keeping the two apart lets two
+head (one Dense layer, or the cosine head of `heads.py`; features -> logits). Keeping the two apart lets two
 learners share a trunk and keep separate heads (PS), and lets the engine
 evaluate trunk and head at unrolled weights with `stateless_call`.
 
@@ -40,6 +40,7 @@ from typing import List, Optional, Sequence, Tuple
 import keras
 from keras import ops
 
+from lfm_tf.models import heads
 from lfm_tf.models import layers
 
 # `ModelConfig.width` is the small CNN's base width (default 16) and WRN's
@@ -436,7 +437,7 @@ def build_backbone(config, num_classes: int, input_shape: Sequence[int],
     """A `Classifier` whose variables exist on return.
 
     Args:
-      config: `ModelConfig` (backbone, width, depth, dropout); with
+      config: `ModelConfig` (backbone, width, depth, dropout, head); with
         `genotype` set, the network of that searched cell instead (`width`
         initial channels, `cells` cells, the auxiliary head).
       num_classes: C, the head's width.
@@ -464,7 +465,6 @@ def build_backbone(config, num_classes: int, input_shape: Sequence[int],
             layers=config.cells, auxiliary_weight=config.auxiliary_weight,
             name=name)
     trunk = build_trunk(config, input_shape, widen_factor)
-    head = keras.layers.Dense(
-        int(num_classes), kernel_initializer=kaiming_normal(), name="head"
-    )
+    head = heads.build_head(config.head, num_classes, config.head_scale,
+                            kaiming_normal())
     return Classifier(trunk, head, input_shape=input_shape, name=name)

@@ -200,6 +200,10 @@ class LfmHypergradientTest(tf.test.TestCase, parameterized.TestCase):
                                         "mistake_centering": True,
                                         "weighting_init": 2.0,
                                         "single_network": True}),
+        # The main job's LFM on the normalised head LDAM is defined on.
+        ("cosine_head_shared_single_network",
+         {"head": "cosine", "head_scale": 5.0, "lfm_objective": "shared",
+          "single_network": True}),
         # Clipping shrinks the gradients ~100x: a larger step keeps the
         # central difference above round-off, at ~1e-6 truncation error.
         ("with_clipping", {"grad_clip_norm": 0.05}, 1e-4, 1e-5),

@@ -88,6 +88,20 @@ class LossFunctionTest(tf.test.TestCase):
             losses.ldam_loss(self.labels, self.tf_logits, margins, 3.0),
             expected, rtol=1e-12)
 
+    def test_ldam_on_a_cosine_head_puts_the_margin_on_the_cosine(self):
+        # The paper: CE(s (cos - Delta_y e_y)); a cosine head's logits are
+        # s_h cos, whatever s_h.
+        margins = losses.ldam_margins(COUNTS, 0.5)
+        cosines = np.tanh(self.logits)
+        shifted = cosines.copy()
+        shifted[np.arange(5), self.labels] -= margins[self.labels]
+        expected = _np_ce(self.labels, 20.0 * shifted)
+        for head_scale in (1.0, 30.0):
+            self.assertAllClose(
+                losses.ldam_loss(self.labels, tf.constant(head_scale * cosines),
+                                 margins, 20.0, cosine_scale=head_scale),
+                expected, rtol=1e-12)
+
     def test_gce_against_numpy_and_its_limits(self):
         p = _np_p_true(self.labels, self.logits)
         self.assertAllClose(
@@ -253,6 +267,26 @@ class ThreadingTest(tf.test.TestCase, parameterized.TestCase):
             tf.reduce_mean(weights * plain))
         self.assertAllClose(reported, [before, before, after, after],
                             rtol=1e-6)
+
+    def test_cosine_head_ldam_step_descends_the_papers_loss(self):
+        # A vanishing learning rate: the reported loss is the loss at the
+        # built weights, which must be the paper's on the head's cosines.
+        model = _build("erm", loss="ldam", head="cosine", head_scale=10.0,
+                       w1_learning_rate=1e-12)
+        self.assertEqual(model.training_loss.ldam_cosine_scale, 10.0)
+        factory.compile_method(model, config_lib.ExperimentConfig())
+        train, meta = _batches()
+        logits = model.classifier(train["image"], training=True)
+        self.assertLessEqual(float(tf.reduce_max(tf.abs(logits))), 10.0 + 1e-6)
+        margins = losses.ldam_margins(COUNTS, 0.5)
+        shifted = logits.numpy() / 10.0
+        labels = train["label"].numpy()
+        shifted[np.arange(len(labels)), labels] -= margins[labels]
+        expected = _np_ce(labels, 30.0 * shifted).mean()
+        logs = tf.function(model.train_step)({"train": train, "meta": meta})
+        self.assertAllClose(float(logs["loss"]), expected, rtol=1e-5)
+        dense = _build("erm", loss="ldam")
+        self.assertIsNone(dense.training_loss.ldam_cosine_scale)
 
     @parameterized.named_parameters(
         ("mwnet_gce", "mwnet", {"loss": "gce"}),

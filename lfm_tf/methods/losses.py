@@ -135,7 +135,7 @@ def ldam_loss(labels, logits, margins, scale, cosine_scale=None):
     softmax and an s-times larger head gradient: that did far better than
     s = 1 on the digits long tail (README, "The loss axis"), but on the
     CIFAR ResNet-8 its training loss started above 30 and under 40 % label
-    noise it ended 9-17 points below ERM (seed 0, README "CIFAR-10
+    noise it ended 8-17 points below ERM (seed 0, README "CIFAR-10
     protocol").
 
     Args:

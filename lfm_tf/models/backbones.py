@@ -1,9 +1,10 @@
 """Classifier backbones for the learners W1 and W2.
 
 Every backbone is a `Classifier`: a trunk (images -> features) followed by a
-head (one Dense layer, or the cosine head of `heads.py`; features -> logits). Keeping the two apart lets two
-learners share a trunk and keep separate heads (PS), and lets the engine
-evaluate trunk and head at unrolled weights with `stateless_call`.
+head (features -> logits: one Dense layer, or the cosine head of `heads.py`).
+Keeping the two apart lets two learners share a trunk and keep separate
+heads (PS), and lets the engine evaluate trunk and head at unrolled weights
+with `stateless_call`.
 
 The trunks, chosen by `ModelConfig.backbone`:
 

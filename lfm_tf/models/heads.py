@@ -97,5 +97,5 @@ def build_head(kind: str, num_classes: int, scale: float,
         return CosineHead(int(num_classes), scale,
                           kernel_initializer=kernel_initializer, name="head")
     raise ValueError(
-        f"Received head={kind!r}; expected one of {list(config_lib.HEADS)}. Set --head "
-        "accordingly.")
+        f"Received head={kind!r}; expected one of "
+        f"{list(config_lib.HEADS)}. Set --head accordingly.")

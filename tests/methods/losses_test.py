@@ -98,8 +98,9 @@ class LossFunctionTest(tf.test.TestCase):
         expected = _np_ce(self.labels, 20.0 * shifted)
         for head_scale in (1.0, 30.0):
             self.assertAllClose(
-                losses.ldam_loss(self.labels, tf.constant(head_scale * cosines),
-                                 margins, 20.0, cosine_scale=head_scale),
+                losses.ldam_loss(self.labels,
+                                 tf.constant(head_scale * cosines), margins,
+                                 20.0, cosine_scale=head_scale),
                 expected, rtol=1e-12)
 
     def test_gce_against_numpy_and_its_limits(self):
